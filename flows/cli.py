@@ -1,0 +1,158 @@
+"""``semdedup`` command line: runs the flow on embedded (ephemeral) Prefect by default.
+
+Set PREFECT_API_URL to run against a Prefect server instead; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from semdedup_core.config import ConfigError, RunConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic deduplication (SemDeDup) of image and text datasets.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Before prefect is imported: offline-friendly defaults a user can still override.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"semdedup: error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Dataset globs or URLs (local, file://, s3://, gs://).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder URL.")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="auto|embeddings|clip-retrieval|webdataset|parquet|jsonl|images")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Embedding model name.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or checkpoint path.")] = None,
+    clusters: Annotated[Optional[int], typer.Option(help="k for k-means (default ceil(sqrt(n))).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps.")] = None,
+    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Tune eps to keep this fraction.")] = None,
+    keep: Annotated[Optional[str], typer.Option(help="hard|easy|random|metadata")] = None,
+    metadata_column: Annotated[Optional[list[str]], typer.Option("--metadata-column", help="Ranking column for --keep metadata (repeatable; 'name:asc' for smaller first).")] = None,
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with unique ids.")] = None,
+    embedding_column: Annotated[Optional[str], typer.Option("--embedding-column", help="Column with embeddings.")] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Kernel tile size.")] = None,
+    buckets: Annotated[Optional[int], typer.Option(help="Number of dedup tasks.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Tasks run at once.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Deduplicate INPUT... into --output."""
+    try:
+        cfg = RunConfig.load(
+            config,
+            input=inputs,
+            output=output,
+            format=format,
+            model=model,
+            pretrained=pretrained,
+            clusters=clusters,
+            seed=seed,
+            eps=eps,
+            target_keep=target_keep,
+            keep=keep,
+            metadata_columns=metadata_column or None,
+            id_column=id_column,
+            embedding_column=embedding_column,
+            tile_size=tile_size,
+            buckets=buckets,
+            workers=workers,
+            device=device,
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+    summary = execute(cfg, verbose)
+    print_summary(summary)
+
+
+def execute(cfg: RunConfig, verbose: bool = False) -> dict:
+    """Fail fast on a misconfiguration (no Prefect start-up), then run the flow."""
+    from semdedup_core.run import plan_run
+    from semdedup_core.sources import InputError
+
+    try:
+        plan_run(cfg)
+    except (ConfigError, InputError) as exc:
+        _fail(str(exc))
+    _quiet_prefect(verbose)
+    from flows.dedup_flow import semdedup_flow
+
+    try:
+        return semdedup_flow(config=cfg)
+    except (ConfigError, InputError) as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title="semdedup", show_header=False)
+    table.add_row("input items", f"{summary['n_input']:,}")
+    table.add_row("kept", f"{summary['n_kept']:,}")
+    table.add_row("removed", f"{summary['n_removed']:,}")
+    table.add_row("failed", f"{summary['n_failed']:,}")
+    table.add_row("eps", f"{summary['eps']:.6g}")
+    if summary.get("target_keep") is not None:
+        table.add_row("kept fraction (target / predicted / achieved)", f"{summary['target_keep']:.4f} / {summary['predicted_kept_fraction']:.4f} / {summary['kept_fraction']:.4f}")
+    else:
+        table.add_row("kept fraction", f"{summary['kept_fraction']:.4f}")
+    table.add_row("clusters", str(summary["clusters"]))
+    table.add_row("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
+    table.add_row("output", summary["output"])
+    console.print(table)
+
+
+@app.command()
+def demo(
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (default: ./semdedup-demo/run).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate a small dataset with planted near-duplicates and deduplicate it."""
+    import pyarrow.parquet as pq
+
+    from semdedup_core.demo import make_demo_embeddings
+    from semdedup_core.layout import RunLayout
+
+    root = Path(output).parent if output else Path("semdedup-demo")
+    data = make_demo_embeddings(root / "data")
+    out = output or str(root / "run")
+    console.print(f"Demo data: {data.n_items:,} embeddings in {len(data.shards)} parquet shards under {root / 'data'}, "
+                  f"{data.n_planted:,} of them planted near-copies and {data.n_broken} broken rows.")
+    cfg = RunConfig(input=[str(root / "data" / "embeddings-*.parquet")], output=out, eps=0.05)
+    summary = execute(cfg, verbose)
+    print_summary(summary)
+    layout = RunLayout(out)
+    truth = pq.read_table(data.truth)
+    removed = pq.read_table(layout.removed)
+    removed_ids = set(removed.column("id").to_pylist())
+    pairs = [(c, b) for c, b in zip(truth.column("id").to_pylist(), truth.column("duplicate_of").to_pylist())]
+    failed_ids = set(pq.read_table(layout.failed).column("id").to_pylist())
+    usable = [(c, b) for c, b in pairs if c not in failed_ids]
+    caught = sum(1 for c, b in usable if c in removed_ids or b in removed_ids)
+    console.print(
+        f"Planted near-duplicate pairs caught (one of the two removed): {caught:,} of {len(usable):,}. "
+        f"Report: {layout.report}"
+    )
+    sample = removed.sort_by([("max_sim", "ascending")]).slice(0, 3).to_pylist()
+    for row in sample:
+        console.print(f"  removed {row['id']} as a duplicate of {row['dup_of']} (cosine {row['max_sim']:.4f})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,134 @@
+"""The one configuration model shared by the CLI, YAML files and the Prefect flow's parameters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+InputFormat = Literal["auto", "embeddings", "clip-retrieval", "webdataset", "parquet", "jsonl", "images"]
+KeepStrategy = Literal["hard", "easy", "random", "metadata"]
+Device = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_EPS = 0.05
+# Formats this release can read; the others belong to the embedding stage.
+SUPPORTED_FORMATS = ("auto", "embeddings", "clip-retrieval")
+
+# Fields that change how fast a run goes but never what it decides; a resumed run may
+# change them freely (the kernel is exact for every tile size and device).
+EXECUTION_FIELDS = frozenset({"tile_size", "device", "workers"})
+
+
+class ConfigError(ValueError):
+    """A misconfiguration, reported before any work starts."""
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs. Validated before any work; stored in ``run.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: list[str] = Field(
+        min_length=1,
+        description="Dataset globs or URLs (local paths, file://, s3://, gs://). "
+        "For clip-retrieval output, the folder holding img_emb/ and metadata/.",
+    )
+    output: str = Field(description="Run folder URL; every artifact of the run is written under it.")
+    format: InputFormat = Field("auto", description="Input format; 'auto' recognises parquet embeddings and clip-retrieval folders.")
+    id_column: str | None = Field(
+        None, description="Column with unique item ids. Default: 'id' for parquet; for clip-retrieval the first of id/key/image_path/url present."
+    )
+    embedding_column: str = Field("embedding", description="Parquet column holding the embedding (list of floats).")
+    model: str | None = Field(None, description="Embedding model (for raw images/text; unused for precomputed embeddings).")
+    pretrained: str | None = Field(None, description="Pretrained tag or local checkpoint path for the model.")
+    clusters: int | None = Field(None, ge=1, description="k for spherical k-means. Default: ceil(sqrt(n)).")
+    seed: int = Field(42, description="Seed for the k-means sample, k-means, tuning sample and keep='random'.")
+    eps: float | None = Field(
+        None, gt=0, lt=1, description=f"Remove an item when its max similarity to an earlier item exceeds 1 - eps. Default {DEFAULT_EPS} when no target_keep is given."
+    )
+    target_keep: float | None = Field(None, gt=0, lt=1, description="Tune eps so this fraction of the embedded items is kept.")
+    keep: KeepStrategy = Field("hard", description="Which item of a duplicate group is kept: hard (far from centroid), easy, random, metadata.")
+    metadata_columns: list[str] = Field(
+        default_factory=list, description="For keep='metadata': columns ranking items, larger first; 'name:asc' for smaller first."
+    )
+    kmeans_points_per_centroid: int = Field(256, ge=1, description="k-means is fitted on a seeded sample of this many points per centroid.")
+    kmeans_iterations: int = Field(20, ge=1, description="k-means iterations.")
+    tuning_cluster_fraction: float = Field(0.1, gt=0, le=1, description="Share of clusters scored to tune eps for target_keep.")
+    tile_size: int = Field(2048, ge=1, description="Kernel tile: memory is bounded by tile_size^2 floats, not by a cluster's size squared.")
+    buckets: int | None = Field(None, ge=1, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
+    device: Device = Field("auto", description="auto uses CUDA when present.")
+    workers: int = Field(1, ge=1, description="Tasks run at once; torch/faiss threads are split between them.")
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty_inputs(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() for v in value):
+            raise ValueError("input entries must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.eps is not None and self.target_keep is not None:
+            raise ValueError("give either eps or target_keep, not both")
+        if self.format not in SUPPORTED_FORMATS:
+            raise ValueError(f"format {self.format!r} needs the embedding stage, which this version does not have; supported: {', '.join(SUPPORTED_FORMATS)}")
+        if self.keep == "metadata" and not self.metadata_columns:
+            raise ValueError("keep='metadata' needs metadata_columns")
+        if self.keep != "metadata" and self.metadata_columns:
+            raise ValueError("metadata_columns is only used with keep='metadata'")
+        for spec in self.metadata_columns:
+            name, _, direction = spec.partition(":")
+            if not name or direction not in ("", "asc", "desc"):
+                raise ValueError(f"metadata column {spec!r}: expected 'name', 'name:asc' or 'name:desc'")
+        return self
+
+    @property
+    def effective_eps(self) -> float | None:
+        """The eps to apply directly, or None when it is tuned from target_keep."""
+        if self.target_keep is not None:
+            return None
+        return self.eps if self.eps is not None else DEFAULT_EPS
+
+    def clusters_for(self, n_items: int) -> int:
+        """k for n items; k larger than n is a misconfiguration."""
+        k = self.clusters if self.clusters is not None else max(1, math.ceil(math.sqrt(n_items)))
+        if k > n_items:
+            raise ConfigError(f"clusters={k} is larger than the number of valid items ({n_items})")
+        return k
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that determine the result (a resumed run must match them)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+
+    @classmethod
+    def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> RunConfig:
+        """Build from an optional YAML file plus overrides (None overrides are ignored)."""
+        data: dict[str, Any] = {}
+        if yaml_path is not None:
+            try:
+                loaded = yaml.safe_load(Path(yaml_path).read_text())
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror}") from exc
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {yaml_path} must hold a mapping of options")
+            data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: 'field: reason'."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

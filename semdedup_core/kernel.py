@@ -1,0 +1,195 @@
+"""The SemDeDup kernel: for each item of an ordered cluster, its most similar earlier item.
+
+For rows ``j`` of an ordered cluster ``Y`` (unit-norm float32), computes
+
+    max_sim[j] = max_{i<j} Y_i . Y_j      dup_of[j] = earliest argmax
+
+tile by tile, so memory is bounded by ``tile_size**2`` and never by the square of
+the cluster.
+
+Exactness. BLAS results depend on matrix shapes (MKL's sgemm rounds a 1-row product
+differently from a 128-row one), so a plain tiled fp32 max would change in the last
+bit with the tile size, the device or the thread count, and could flip ties. Instead
+the fp32 GEMM only *screens*: its error against the exact dot product is bounded by
+``DELTA = gamma_d + u`` for unit vectors, so every index that can still be the true
+argmax lies within ``2*DELTA`` of the tile's maximum (or within ``DELTA`` of the best
+value found so far). Those few candidates are rescored canonically: products of
+float32 are exact in float64, summed in float64 and rounded once to float32. The
+canonical value is what ``max_sim`` holds, so results are identical for every tile
+size, on CPU and CUDA, and equal to a float64 brute force rounded to float32.
+
+Bitwise-identical vectors give identical canonical values, so only the first copy of
+each can be an argmax; later copies are masked out of the candidates, which keeps
+clusters full of exact duplicates from turning into a quadratic rescoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Rescore candidate pairs in chunks so a dense band (many near-identical vectors)
+# cannot allocate pairs x d float64 at once.
+_RESCORE_CHUNK = 8192
+_UNIT_ROUNDOFF = 2.0**-24
+
+
+@dataclass(frozen=True)
+class ClusterScores:
+    """Per-row result for one ordered cluster. ``dup_of`` is -1 and ``max_sim`` NaN for row 0."""
+
+    max_sim: np.ndarray  # float32 (n,)
+    dup_of: np.ndarray  # int64 (n,), index into the ordered cluster
+
+
+def screening_band(dim: int) -> float:
+    """Bound on |fp32 GEMM dot - canonical dot| for vectors of norm <= 1 (+1e-5).
+
+    Worst-case recursive-summation bound gamma_d = d*u / (1 - d*u), valid for any
+    summation order, plus u for the canonical rounding, with 1 % headroom for norms a
+    few ulps above one.
+    """
+    du = dim * _UNIT_ROUNDOFF
+    return 1.01 * (du / (1.0 - du) + _UNIT_ROUNDOFF)
+
+
+def first_copy_mask(y: np.ndarray) -> np.ndarray:
+    """True where a row is the first (in order) of its group of bitwise-identical rows."""
+    n = y.shape[0]
+    if n == 0:
+        return np.ones(0, dtype=bool)
+    rows = np.ascontiguousarray(y).view(np.dtype((np.void, y.dtype.itemsize * y.shape[1])))
+    _, first = np.unique(rows.ravel(), return_index=True)
+    mask = np.zeros(n, dtype=bool)
+    mask[first] = True
+    return mask
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is a configuration error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul():
+    # TF32 on CUDA or bf16 on oneDNN would break the screening bound.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _rescore(y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Canonical similarity of pairs (rows[k], cols[k]): exact products, float64 sum, one rounding."""
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=y.device)
+    for start in range(0, rows.shape[0], _RESCORE_CHUNK):
+        stop = start + _RESCORE_CHUNK
+        a = y.index_select(0, rows[start:stop]).double()
+        b = y.index_select(0, cols[start:stop]).double()
+        out[start:stop] = (a * b).sum(dim=1).float()
+    return out
+
+
+def _best_per_row(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int):
+    """For candidate triples, the max value per row and its earliest column."""
+    # Sort by column first, then stably by value descending, then stably by row: the first
+    # entry of each row is its max with the smallest column among equal values.
+    order = torch.argsort(cols, stable=True)
+    order = order[torch.argsort(vals[order], descending=True, stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    is_first = torch.ones_like(rows, dtype=torch.bool)
+    is_first[1:] = rows[1:] != rows[:-1]
+    best_val = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=vals.device)
+    best_col = torch.full((n_rows,), -1, dtype=torch.int64, device=vals.device)
+    best_val[rows[is_first]] = vals[is_first]
+    best_col[rows[is_first]] = cols[is_first]
+    return best_val, best_col
+
+
+def cluster_max_sim(
+    y: np.ndarray | torch.Tensor,
+    tile_size: int = 2048,
+    device: str | torch.device = "cpu",
+) -> ClusterScores:
+    """max_sim / dup_of of every row of an ordered cluster against all earlier rows.
+
+    ``y`` must already be in keep order (see :mod:`semdedup_core.ordering`) and unit norm.
+    """
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+    y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+    if y_np.dtype != np.float32 or y_np.ndim != 2:
+        raise ValueError(f"expected a 2-D float32 array, got {y_np.dtype} with shape {y_np.shape}")
+    n, dim = y_np.shape
+    max_sim = np.full(n, np.nan, dtype=np.float32)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    if n <= 1:
+        return ClusterScores(max_sim, dup_of)
+
+    dev = torch.device(device) if isinstance(device, str) else device
+    y_np = np.ascontiguousarray(y_np)
+    yt = torch.from_numpy(y_np).to(dev)
+    copy_cols = torch.from_numpy(~first_copy_mask(y_np)).to(dev)
+    any_copies = bool(copy_cols.any())
+    band = screening_band(dim)
+    neg_inf = float("-inf")
+    t = tile_size
+    tile_buf = torch.empty((t, t), dtype=torch.float32, device=dev)
+    # upper[r, c] is True where key c is not before query r inside a diagonal tile.
+    upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
+
+    with _ieee_fp32_matmul():
+        for q0 in range(0, n, t):
+            q1 = min(q0 + t, n)
+            rq = q1 - q0
+            queries = yt[q0:q1]
+            best_val = torch.full((rq,), neg_inf, dtype=torch.float32, device=dev)
+            best_col = torch.full((rq,), -1, dtype=torch.int64, device=dev)
+            for k0 in range(0, q1, t):
+                k1 = min(k0 + t, q1)
+                sims = tile_buf[:rq, : k1 - k0]
+                torch.mm(queries, yt[k0:k1].T, out=sims)
+                if k1 > q0:  # the diagonal tile: keys must come strictly before the query
+                    sims.masked_fill_(upper[:rq, : k1 - k0], neg_inf)
+                if any_copies:
+                    sims.masked_fill_(copy_cols[k0:k1].unsqueeze(0), neg_inf)
+                tile_max = sims.amax(dim=1)
+                # Lower bound on the row's true max, minus the band, is where candidates start.
+                active = (tile_max > neg_inf) & (tile_max >= best_val - band)
+                if not bool(active.any()):
+                    continue
+                act_rows = active.nonzero().squeeze(1)
+                threshold = torch.maximum(best_val[act_rows] - band, tile_max[act_rows] - 2 * band)
+                act_sims = sims if act_rows.shape[0] == rq else sims.index_select(0, act_rows)
+                cand = act_sims >= threshold.unsqueeze(1)
+                r_local, c_local = cand.nonzero(as_tuple=True)
+                rows = act_rows[r_local]
+                cols = c_local + k0
+                vals = _rescore(yt, rows + q0, cols)
+                tile_best_val, tile_best_col = _best_per_row(rows, cols, vals, rq)
+                # Strict: on equal values the earlier tile (smaller index) keeps the win.
+                better = tile_best_val > best_val
+                best_val = torch.where(better, tile_best_val, best_val)
+                best_col = torch.where(better, tile_best_col, best_col)
+            max_sim[q0:q1] = best_val.cpu().numpy()
+            dup_of[q0:q1] = best_col.cpu().numpy()
+    max_sim[0] = np.nan
+    dup_of[0] = -1
+    return ClusterScores(max_sim, dup_of)
+
+
+def removed_mask(max_sim: np.ndarray, eps: float) -> np.ndarray:
+    """Removed iff max_sim > float32(1 - eps), compared in float32; the first item (NaN) is kept."""
+    threshold = np.float32(1.0 - eps)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(max_sim, dtype=np.float32) > threshold

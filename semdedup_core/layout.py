@@ -1,0 +1,89 @@
+"""Where each artifact of a run lives (DESIGN §5). Every other module asks here for a URL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .storage import join
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str
+
+    def _at(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    @property
+    def run_json(self) -> str:
+        return self._at("run.json")
+
+    # clustering
+    @property
+    def centroids(self) -> str:
+        return self._at("clustering", "centroids.npy")
+
+    @property
+    def bucket_of_cluster(self) -> str:
+        return self._at("clustering", "bucket_of_cluster.npy")
+
+    @property
+    def clustering_stats(self) -> str:
+        """Written last by the fit stage: its completion marker."""
+        return self._at("clustering", "fit.json")
+
+    # partitions (items grouped by bucket of clusters, one file per input shard)
+    def partition(self, shard: int) -> str:
+        return self._at("partitions", f"shard-{shard:05d}.parquet")
+
+    def partition_failed(self, shard: int) -> str:
+        return self._at("partitions", f"shard-{shard:05d}.failed.parquet")
+
+    def partition_manifest(self, shard: int) -> str:
+        """Written last by a shard's assignment: its completion marker."""
+        return self._at("partitions", f"shard-{shard:05d}.json")
+
+    @property
+    def partition_index(self) -> str:
+        return self._at("partitions", "index.json")
+
+    @property
+    def cluster_sizes(self) -> str:
+        return self._at("partitions", "cluster_sizes.npy")
+
+    # tuning
+    @property
+    def tuning_curve(self) -> str:
+        return self._at("tuning", "curve.parquet")
+
+    @property
+    def tuning_result(self) -> str:
+        return self._at("tuning", "result.json")
+
+    # scores
+    def scores(self, bucket: int) -> str:
+        return self._at("scores", f"bucket-{bucket:05d}.parquet")
+
+    def scores_done(self, bucket: int) -> str:
+        return self._at("scores", f"bucket-{bucket:05d}.json")
+
+    # results
+    @property
+    def kept(self) -> str:
+        return self._at("result", "kept.parquet")
+
+    @property
+    def removed(self) -> str:
+        return self._at("result", "removed.parquet")
+
+    @property
+    def failed(self) -> str:
+        return self._at("result", "failed.parquet")
+
+    @property
+    def summary(self) -> str:
+        return self._at("result", "summary.json")
+
+    @property
+    def report(self) -> str:
+        return self._at("report", "index.html")

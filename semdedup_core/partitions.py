@@ -1,0 +1,303 @@
+"""Fit centroids, assign every item, and group items by bucket of clusters for the dedup tasks.
+
+Each input shard gets one partition parquet with one row group per bucket it has items
+for, so a dedup task reads exactly its row groups from every shard (range reads on
+object storage) and nothing else. Rows stay in input order inside a row group.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
+from .run import RunPlan
+from .sources import Shard, iter_batches, read_rows
+from .storage import exists, filesystem, parquet_writer, read_json, read_npy, write_json, write_npy, write_parquet
+from .vectors import prepare_vectors
+
+READ_BATCH_ROWS = 65536
+# Partition rows are buffered up to this many before being written as row groups, so
+# row groups stay large while memory stays bounded for any shard size.
+FLUSH_ROWS = 262144
+
+FAILED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
+
+
+def _meta_names(plan: RunPlan) -> list[str]:
+    return [spec.partition(":")[0] for spec in plan.config.metadata_columns]
+
+
+def partition_schema(dim: int, metadata: list[str]) -> pa.Schema:
+    fields = [
+        ("id", pa.string()),
+        ("row", pa.int64()),
+        ("cluster", pa.int32()),
+        ("centroid_sim", pa.float32()),
+        ("vector", pa.list_(pa.float32(), dim)),
+    ]
+    fields += [(f"meta_{m}", pa.float64()) for m in metadata]
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------- fit
+
+
+def plan_buckets(estimated_sizes: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Cluster -> bucket, largest clusters first onto the lightest bucket (balanced work)."""
+    bucket_of = np.zeros(len(estimated_sizes), dtype=np.int32)
+    # Work per cluster grows with size^2 in the kernel but memory with size; balance rows.
+    heap = [(0.0, b) for b in range(n_buckets)]
+    for cluster in np.argsort(-estimated_sizes, kind="stable"):
+        load, b = heapq.heappop(heap)
+        bucket_of[cluster] = b
+        heapq.heappush(heap, (load + float(estimated_sizes[cluster]) + 1e-9, b))
+    return bucket_of
+
+
+def fit_centroids(plan: RunPlan) -> dict:
+    """Seeded sample -> spherical k-means -> centroids.npy, bucket plan, fit.json (last)."""
+    layout, cfg = plan.layout, plan.config
+    if exists(layout.clustering_stats):
+        return read_json(layout.clustering_stats)
+    wanted = cfg.kmeans_points_per_centroid * plan.clusters
+    per_shard = sample_rows([s.n_rows for s in plan.shards], wanted, cfg.seed)
+    parts = []
+    for shard, rows in zip(plan.shards, per_shard):
+        if len(rows):
+            vectors, valid = read_rows(shard, rows)
+            parts.append(vectors[valid])
+    sample = np.concatenate(parts) if parts else np.zeros((0, plan.dim), np.float32)
+    if len(sample) < plan.clusters:
+        raise ValueError(f"only {len(sample)} valid embeddings were sampled for clusters={plan.clusters}; lower --clusters")
+    use_gpu = plan.device.startswith("cuda") and gpu_available()
+    fit = fit_spherical_kmeans(sample, plan.clusters, cfg.kmeans_iterations, cfg.seed, use_gpu=use_gpu)
+    labels, _ = CentroidIndex(fit.centroids).assign(sample)
+    estimated = np.bincount(labels, minlength=plan.clusters).astype(np.float64) * (plan.n_input / len(sample))
+    bucket_of = plan_buckets(estimated, plan.buckets)
+    write_npy(layout.centroids, fit.centroids)
+    write_npy(layout.bucket_of_cluster, bucket_of)
+    stats = {
+        "clusters": plan.clusters,
+        "buckets": plan.buckets,
+        "sample_size": fit.sample_size,
+        "iterations": cfg.kmeans_iterations,
+        "objective": fit.objective,
+        "imbalance_factor": fit.imbalance,
+        "gpu": use_gpu,
+    }
+    write_json(layout.clustering_stats, stats)
+    return stats
+
+
+# ---------------------------------------------------------------- assign
+
+
+@dataclass
+class _Buffer:
+    ids: list[pa.Array]
+    rows: list[np.ndarray]
+    clusters: list[np.ndarray]
+    sims: list[np.ndarray]
+    vectors: list[np.ndarray]
+    metadata: dict[str, list[np.ndarray]]
+
+    @classmethod
+    def empty(cls, meta: list[str]) -> _Buffer:
+        return cls([], [], [], [], [], {m: [] for m in meta})
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+def assign_shard(plan: RunPlan, shard_index: int) -> dict:
+    """Assign a shard's items to centroids and write its partition, failures and manifest (last)."""
+    layout = plan.layout
+    manifest_url = layout.partition_manifest(shard_index)
+    if exists(manifest_url):
+        return read_json(manifest_url)
+    shard = plan.shards[shard_index]
+    meta = _meta_names(plan)
+    centroids = read_npy(layout.centroids)
+    bucket_of = read_npy(layout.bucket_of_cluster)
+    index = CentroidIndex(centroids, use_gpu=plan.device.startswith("cuda") and gpu_available())
+    schema = partition_schema(plan.dim, meta)
+    row_groups: dict[int, list[int]] = {}
+    counts = np.zeros(plan.clusters, dtype=np.int64)
+    failed: list[tuple[str, str, str]] = []
+    n_rows_written = 0
+    n_row_groups = 0
+
+    with parquet_writer(layout.partition(shard_index), schema) as writer:
+        buffer = _Buffer.empty(meta)
+
+        def flush() -> None:
+            nonlocal buffer, n_rows_written, n_row_groups
+            if not len(buffer):
+                return
+            clusters = np.concatenate(buffer.clusters)
+            buckets = bucket_of[clusters]
+            order = np.argsort(buckets, kind="stable")  # keeps input order inside a bucket
+            columns = {
+                "id": pa.concat_arrays(buffer.ids).take(pa.array(order)),
+                "row": np.concatenate(buffer.rows)[order],
+                "cluster": clusters[order],
+                "centroid_sim": np.concatenate(buffer.sims)[order],
+            }
+            vectors = np.concatenate(buffer.vectors)[order]
+            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), plan.dim)
+            for m in meta:
+                columns[f"meta_{m}"] = np.concatenate(buffer.metadata[m])[order]
+            table = pa.table(columns, schema=schema)
+            sorted_buckets = buckets[order]
+            starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
+            stops = np.r_[starts[1:], len(order)]
+            for lo, hi in zip(starts, stops):
+                row_groups.setdefault(int(sorted_buckets[lo]), []).append(n_row_groups)
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+                n_row_groups += 1
+            n_rows_written += len(order)
+            buffer = _Buffer.empty(meta)
+
+        for batch in iter_batches(shard, READ_BATCH_ROWS, meta):
+            # Unreadable rows arrive as zeros, so they are invalid here too; keep their own reason.
+            prepared = prepare_vectors(batch.vectors)
+            valid, vectors = prepared.valid, prepared.vectors
+            errors = {**prepared.errors, **batch.bad_rows}
+            for r in sorted(errors):
+                failed.append((batch.ids[r].as_py(), f"{shard.name} row {batch.start + r}", errors[r]))
+            valid_rows = np.flatnonzero(valid)
+            clusters, sims = index.assign(vectors)
+            np.add.at(counts, clusters, 1)
+            buffer.ids.append(batch.ids.filter(pa.array(valid)))
+            buffer.rows.append(batch.start + valid_rows)
+            buffer.clusters.append(clusters)
+            buffer.sims.append(sims)
+            buffer.vectors.append(vectors)
+            for m in meta:
+                buffer.metadata[m].append(batch.metadata[m][valid])
+            if len(buffer) >= FLUSH_ROWS:
+                flush()
+        flush()
+
+    write_parquet(
+        layout.partition_failed(shard_index),
+        pa.table({k: [f[i] for f in failed] for i, k in enumerate(FAILED_SCHEMA.names)}, schema=FAILED_SCHEMA),
+    )
+    manifest = {
+        "shard": shard_index,
+        "n_rows": shard.n_rows,
+        "n_assigned": n_rows_written,
+        "n_failed": len(failed),
+        "row_groups": {str(b): rgs for b, rgs in sorted(row_groups.items())},
+        "cluster_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
+    }
+    write_json(manifest_url, manifest)
+    return manifest
+
+
+def collect_partitions(plan: RunPlan) -> dict:
+    """Merge the shard manifests into one index (bucket -> shard row groups) and cluster sizes."""
+    layout = plan.layout
+    if exists(layout.partition_index):
+        return read_json(layout.partition_index)
+    buckets: list[list[list]] = [[] for _ in range(plan.buckets)]
+    sizes = np.zeros(plan.clusters, dtype=np.int64)
+    n_failed = n_assigned = 0
+    for shard in plan.shards:
+        manifest = read_json(layout.partition_manifest(shard.index))
+        for b, rgs in manifest["row_groups"].items():
+            buckets[int(b)].append([shard.index, rgs])
+        for c, n in manifest["cluster_counts"].items():
+            sizes[int(c)] += n
+        n_failed += manifest["n_failed"]
+        n_assigned += manifest["n_assigned"]
+    write_npy(layout.cluster_sizes, sizes)
+    index = {"buckets": buckets, "n_assigned": n_assigned, "n_failed": n_failed, "nonempty_clusters": int((sizes > 0).sum())}
+    write_json(layout.partition_index, index)
+    return index
+
+
+# ---------------------------------------------------------------- read a bucket
+
+
+@dataclass
+class BucketData:
+    """A bucket's items grouped by cluster, each cluster's rows in keep order."""
+
+    ids: pa.Array
+    cluster: np.ndarray  # int32, non-decreasing
+    centroid_sim: np.ndarray
+    vectors: np.ndarray  # float32 (n, d)
+    starts: np.ndarray  # per cluster in ``clusters``: first row
+    clusters: np.ndarray  # cluster ids present, ascending
+
+
+def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketData:
+    """Read a bucket's rows (optionally only some clusters) and lay them out in keep order.
+
+    Small columns are read first to compute each row's destination, then vectors are
+    read shard by shard straight into place: peak memory is the bucket's vectors plus
+    one shard's part, never two copies.
+    """
+    meta = _meta_names(plan)
+    small_cols = ["id", "cluster", "centroid_sim", *[f"meta_{m}" for m in meta]]
+    parts = []
+    for shard_index, rgs in bucket_entries:
+        pf = _partition_file(plan, shard_index)
+        t = pf.read_row_groups(rgs, columns=small_cols)
+        keep = None
+        if only_clusters is not None:
+            keep = np.isin(t.column("cluster").to_numpy(), only_clusters)
+            t = t.filter(pa.array(keep))
+        parts.append((shard_index, rgs, keep, t))
+    table = pa.concat_tables([p[3] for p in parts]) if parts else None
+    if table is None or table.num_rows == 0:
+        empty = np.zeros(0, np.int32)
+        return BucketData(pa.array([], pa.string()), empty, np.zeros(0, np.float32), np.zeros((0, plan.dim), np.float32), empty, empty)
+    cluster = table.column("cluster").to_numpy()
+    sims = table.column("centroid_sim").to_numpy()
+    metadata = {m: table.column(f"meta_{m}").to_numpy() for m in meta}
+    by_cluster = np.argsort(cluster, kind="stable")  # input order inside each cluster
+    sorted_clusters = cluster[by_cluster]
+    starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
+    stops = np.r_[starts[1:], len(by_cluster)]
+    perm = np.empty_like(by_cluster)  # perm[destination] = source row
+    for lo, hi in zip(starts, stops):
+        members = by_cluster[lo:hi]
+        c = int(sorted_clusters[lo])
+        local = order_fn(c, sims[members], {m: v[members] for m, v in metadata.items()})
+        perm[lo:hi] = members[local]
+    dest = np.empty_like(perm)
+    dest[perm] = np.arange(len(perm))
+    vectors = np.empty((len(perm), plan.dim), dtype=np.float32)
+    offset = 0
+    for shard_index, rgs, keep, t in parts:
+        n = t.num_rows
+        if n:
+            col = _partition_file(plan, shard_index).read_row_groups(rgs, columns=["vector"]).column(0)
+            pos = 0  # row within the row groups read (before the cluster filter)
+            for chunk in col.chunks:  # one chunk per row group: no combined copy
+                flat = chunk.flatten().to_numpy().reshape(-1, plan.dim)
+                if keep is not None:
+                    flat = flat[keep[pos : pos + len(chunk)]]
+                vectors[dest[offset : offset + len(flat)]] = flat
+                offset += len(flat)
+                pos += len(chunk)
+    return BucketData(
+        ids=table.column("id").combine_chunks().take(pa.array(perm)),
+        cluster=cluster[perm],
+        centroid_sim=sims[perm],
+        vectors=vectors,
+        starts=starts,
+        clusters=sorted_clusters[starts],
+    )
+
+
+def _partition_file(plan: RunPlan, shard_index: int) -> pq.ParquetFile:
+    fs, path = filesystem(plan.layout.partition(shard_index))
+    return pq.ParquetFile(fs.open(path, "rb"))

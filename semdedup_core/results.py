@@ -1,0 +1,95 @@
+"""Finalize a run: kept / removed / failed, summary.json and the HTML report."""
+
+from __future__ import annotations
+
+import html
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .partitions import FAILED_SCHEMA
+from .run import RunPlan, package_versions
+from .storage import filesystem, parquet_writer, read_json, write_bytes, write_json, write_parquet
+
+KEPT_SCHEMA = pa.schema([("id", pa.string())])
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32())])
+
+
+def _read(url: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
+    """Every input item ends in exactly one of kept / removed / failed; summary.json is written last."""
+    layout = plan.layout
+    n_kept = n_removed = 0
+    with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
+        for bucket in range(plan.buckets):
+            scores = _read(layout.scores(bucket))
+            kept_mask = scores.column("kept")
+            kept = scores.filter(kept_mask).select(["id"])
+            removed = scores.filter(pc.invert(kept_mask)).select(["id", "dup_of", "max_sim", "cluster"])
+            kept_w.write_table(kept.cast(KEPT_SCHEMA))
+            removed_w.write_table(removed.cast(REMOVED_SCHEMA))
+            n_kept += kept.num_rows
+            n_removed += removed.num_rows
+    failed = pa.concat_tables([_read(layout.partition_failed(s.index)) for s in plan.shards]).cast(FAILED_SCHEMA)
+    write_parquet(layout.failed, failed)
+    n_failed = failed.num_rows
+    n_judged = n_kept + n_removed
+    if n_kept + n_removed + n_failed != plan.n_input:
+        raise RuntimeError(f"accounting error: kept {n_kept} + removed {n_removed} + failed {n_failed} != input {plan.n_input}")
+    summary = {
+        "output": plan.config.output,
+        "n_input": plan.n_input,
+        "n_embedded": n_judged,
+        "n_kept": n_kept,
+        "n_removed": n_removed,
+        "n_failed": n_failed,
+        "eps": eps,
+        "target_keep": plan.config.target_keep,
+        "kept_fraction": n_kept / n_judged if n_judged else None,
+        "predicted_kept_fraction": tuning["predicted_kept_fraction"] if tuning else None,
+        "clusters": plan.clusters,
+        "buckets": plan.buckets,
+        "keep": plan.config.keep,
+        "device": plan.device,
+        "stage_seconds": timings,
+        "versions": package_versions(),
+    }
+    write_bytes(layout.report, render_report(plan, summary).encode())
+    write_json(layout.summary, summary)
+    return summary
+
+
+def render_report(plan: RunPlan, summary: dict) -> str:
+    """A self-contained page: the numbers, the stages, the most similar removed pairs."""
+    layout = plan.layout
+    removed = _read(layout.removed)
+    top = removed.sort_by([("max_sim", "descending")]).slice(0, 20).to_pylist() if removed.num_rows else []
+    stats = read_json(layout.clustering_stats)
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"
+        for k in ("n_input", "n_kept", "n_removed", "n_failed", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
+    )
+    stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary["stage_seconds"].items())
+    pairs = "".join(
+        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['dup_of']))}</td><td>{r['max_sim']:.6f}</td><td>{r['cluster']}</td></tr>" for r in top
+    )
+    imbalance = stats["imbalance_factor"][-1] if stats["imbalance_factor"] else float("nan")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>semdedup report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+<h1>semdedup run</h1><p>{html.escape(plan.config.output)}</p>
+<h2>Result</h2><table>{rows}</table>
+<h2>Stages</h2><table>{stages}</table>
+<h2>Clustering</h2><p>k={stats['clusters']}, sample {stats['sample_size']} points,
+{stats['iterations']} iterations, final imbalance factor {imbalance:.3f}</p>
+<h2>Most similar removed items</h2>
+<table><tr><th>removed</th><th>duplicate of</th><th>max_sim</th><th>cluster</th></tr>{pairs}</table>
+</body></html>
+"""

@@ -1,0 +1,117 @@
+"""The run contract: validate everything before work, record it in ``run.json``, resume safely."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import math
+import platform
+from typing import Any
+
+from pydantic import BaseModel
+
+from .config import ConfigError, RunConfig
+from .kernel import resolve_device
+from .layout import RunLayout
+from .sources import Shard, check_unique_ids, discover_shards
+from .storage import exists, read_json, write_json
+
+RUN_FORMAT_VERSION = 1
+MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
+TARGET_BUCKET_BYTES = 128 * 2**20
+
+
+class RunPlan(BaseModel):
+    """What every stage needs to know about the run; small enough to pass between tasks."""
+
+    config: RunConfig
+    shards: list[Shard]
+    n_input: int
+    dim: int
+    clusters: int
+    buckets: int
+    device: str
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.config.output)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("semdedup", "numpy", "pyarrow", "torch", "faiss-cpu", "faiss-gpu", "prefect", "fsspec", "s3fs"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def default_buckets(n_items: int, dim: int, clusters: int) -> int:
+    """Enough buckets that one holds ~128 MiB of vectors, within [1, min(k, 1000)]."""
+    wanted = math.ceil(n_items * dim * 4 / TARGET_BUCKET_BYTES)
+    return max(1, min(wanted, clusters, MAX_BUCKETS))
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Every check that can fail before work: inputs, ids, dimensions, k, device, an existing run."""
+    try:
+        device = str(resolve_device(cfg.device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    shards = discover_shards(cfg)
+    check_unique_ids(shards)
+    n_input = sum(s.n_rows for s in shards)
+    dim = next(s.dim for s in shards if s.n_rows)
+    k = cfg.clusters_for(n_input)
+    buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_input, dim, k)
+    if buckets > k:
+        raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
+    plan = RunPlan(config=cfg, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
+    check_resumable(plan)
+    return plan
+
+
+def check_resumable(plan: RunPlan) -> None:
+    """An existing run at the output must have been started with the same result-defining config."""
+    layout = plan.layout
+    if not exists(layout.run_json):
+        return
+    previous = read_json(layout.run_json)
+    old = previous.get("config", {})
+    new = plan.config.result_fields()
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if previous.get("shards") != [s.model_dump() for s in plan.shards]:
+        differing.append("input shards")
+    if differing:
+        raise ConfigError(
+            f"{plan.config.output} holds a run with a different configuration ({', '.join(differing)}); "
+            "use another --output, or delete the old run to start over"
+        )
+
+
+def write_run_json(plan: RunPlan, stages: dict[str, Any]) -> None:
+    """run.json: config (no secrets: the config holds none), versions, seeds, stage status."""
+    layout = plan.layout
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    if exists(layout.run_json):
+        created = read_json(layout.run_json).get("created", created)
+    write_json(
+        layout.run_json,
+        {
+            "format_version": RUN_FORMAT_VERSION,
+            "created": created,
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "config": plan.config.result_fields(),
+            "execution": {"device": plan.device, "tile_size": plan.config.tile_size, "workers": plan.config.workers},
+            "seeds": {"seed": plan.config.seed},
+            "n_input": plan.n_input,
+            "dim": plan.dim,
+            "clusters": plan.clusters,
+            "buckets": plan.buckets,
+            "shards": [s.model_dump() for s in plan.shards],
+            "versions": package_versions(),
+            "stages": stages,
+            "parent_run": None,
+        },
+    )

@@ -1,0 +1,333 @@
+"""Dataset readers for precomputed embeddings, read shard by shard and batch by batch.
+
+Two layouts:
+- parquet shards with an id column and an embedding column (list of floats);
+- clip-retrieval output: ``img_emb/img_emb_N.npy`` (float16, n x d) row-aligned with
+  ``metadata/metadata_N.parquet`` (N may be zero-padded).
+
+Everything a run needs to know before work starts (shards, row counts, dimension,
+columns, unique ids) comes from :func:`discover_shards` and :func:`check_unique_ids`,
+which read footers, headers and id columns only.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from .config import RunConfig
+from .storage import filesystem, join, list_files
+
+CLIP_ID_CANDIDATES = ("id", "key", "image_path", "url")
+_CLIP_EMB = re.compile(r"img_emb_(\d+)\.npy$")
+_CLIP_META = re.compile(r"metadata_(\d+)\.parquet$")
+
+
+class InputError(ValueError):
+    """Input that cannot be used: names the shard (and item) and the reason."""
+
+
+class Shard(BaseModel):
+    """One input unit, small enough to pass between tasks."""
+
+    index: int
+    kind: str  # "parquet" | "clip-retrieval"
+    url: str  # the embeddings file
+    metadata_url: str | None = None  # clip-retrieval metadata parquet
+    n_rows: int
+    dim: int
+    id_column: str | None  # None: ids are synthesised as "<file stem>:<row>"
+    embedding_column: str | None = None  # parquet shards only
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+
+@dataclass
+class Batch:
+    """Rows [start, start + len) of a shard, before vector validation."""
+
+    start: int
+    ids: pa.Array  # string
+    vectors: np.ndarray  # float (n, d); rows listed in ``bad_rows`` hold zeros
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
+    bad_rows: dict[int, str] = field(default_factory=dict)  # batch row -> reason
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover_shards(cfg: RunConfig) -> list[Shard]:
+    """Expand the inputs, recognise the format and check each shard's columns and dimension."""
+    shards: list[Shard] = []
+    for entry in cfg.input:
+        fmt = cfg.format
+        if fmt in ("auto", "clip-retrieval") and _is_clip_folder(entry):
+            found = _discover_clip(entry, cfg, start=len(shards))
+        elif fmt == "clip-retrieval":
+            raise InputError(f"{entry}: not a clip-retrieval folder (expected img_emb/img_emb_N.npy and metadata/metadata_N.parquet)")
+        else:
+            files = list_files(entry)
+            if not files:
+                raise InputError(f"{entry}: no input files match")
+            found = [_discover_parquet(url, cfg, len(shards) + i) for i, url in enumerate(files)]
+        shards.extend(found)
+    if not shards:
+        raise InputError("no input shards found")
+    seen: dict[str, int] = {}
+    for s in shards:
+        if s.url in seen:
+            raise InputError(f"{s.url}: listed twice in the inputs")
+        seen[s.url] = s.index
+    dims = {s.dim for s in shards}
+    if len(dims) > 1:
+        first = shards[0]
+        other = next(s for s in shards if s.dim != first.dim)
+        raise InputError(f"{other.name}: embeddings have dimension {other.dim}, but {first.name} has {first.dim}")
+    if sum(s.n_rows for s in shards) == 0:
+        raise InputError("the input has no rows")
+    return shards
+
+
+def _open_parquet(url: str) -> pq.ParquetFile:
+    fs, path = filesystem(url)
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except Exception as exc:  # noqa: BLE001 - any reader error means the shard is unreadable
+        raise InputError(f"{url}: unreadable parquet shard ({type(exc).__name__}: {exc})") from exc
+
+
+def _discover_parquet(url: str, cfg: RunConfig, index: int) -> Shard:
+    pf = _open_parquet(url)
+    schema = pf.schema_arrow
+    id_col = cfg.id_column or "id"
+    wanted = [id_col, cfg.embedding_column, *(_metadata_names(cfg))]
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        hint = ""
+        if cfg.embedding_column in missing and cfg.format == "auto":
+            hint = " (precomputed embeddings need an id column and an embedding column; use --id-column/--embedding-column to name them)"
+        raise InputError(f"{url}: missing column(s) {', '.join(missing)}; has {', '.join(schema.names)}{hint}")
+    emb_type = schema.field(cfg.embedding_column).type
+    if not (pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type) or pa.types.is_fixed_size_list(emb_type)) or not pa.types.is_floating(
+        emb_type.value_type
+    ):
+        raise InputError(f"{url}: column {cfg.embedding_column!r} has type {emb_type}, expected a list of floats")
+    _check_metadata_types(url, schema, cfg)
+    if pa.types.is_fixed_size_list(emb_type):
+        dim = emb_type.list_size
+    else:
+        dim = _first_list_length(pf, cfg.embedding_column, url)
+    return Shard(
+        index=index, kind="parquet", url=url, n_rows=pf.metadata.num_rows, dim=dim, id_column=id_col, embedding_column=cfg.embedding_column
+    )
+
+
+def _metadata_names(cfg: RunConfig) -> list[str]:
+    return [spec.partition(":")[0] for spec in cfg.metadata_columns]
+
+
+def _check_metadata_types(url: str, schema: pa.Schema, cfg: RunConfig) -> None:
+    for name in _metadata_names(cfg):
+        typ = schema.field(name).type
+        if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+            raise InputError(f"{url}: metadata column {name!r} has type {typ}; keep='metadata' needs numbers")
+
+
+def _first_list_length(pf: pq.ParquetFile, column: str, url: str) -> int:
+    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+        lengths = pc.list_value_length(batch.column(0)).drop_null()
+        if len(lengths):
+            return int(lengths[0].as_py())
+    if pf.metadata.num_rows:
+        raise InputError(f"{url}: every embedding is null")
+    return 0
+
+
+def _is_clip_folder(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isdir(path) and fs.isdir(posixpath.join(path, "img_emb"))
+
+
+def _discover_clip(root: str, cfg: RunConfig, start: int) -> list[Shard]:
+    emb_files = {int(m.group(1)): u for u in list_files(join(root, "img_emb", "img_emb_*.npy")) if (m := _CLIP_EMB.search(u))}
+    meta_files = {int(m.group(1)): u for u in list_files(join(root, "metadata", "metadata_*.parquet")) if (m := _CLIP_META.search(u))}
+    if not emb_files:
+        raise InputError(f"{root}: no img_emb/img_emb_N.npy files")
+    shards = []
+    for offset, n in enumerate(sorted(emb_files)):
+        emb_url = emb_files[n]
+        meta_url = meta_files.get(n)
+        if meta_url is None:
+            raise InputError(f"{emb_url}: no matching metadata/metadata_{n}.parquet")
+        shape, _, _ = _npy_header(emb_url)
+        if len(shape) != 2:
+            raise InputError(f"{emb_url}: expected a 2-D array, got shape {shape}")
+        pf = _open_parquet(meta_url)
+        if pf.metadata.num_rows != shape[0]:
+            raise InputError(f"{emb_url}: {shape[0]} embeddings but {meta_url} has {pf.metadata.num_rows} rows (they must be row-aligned)")
+        names = pf.schema_arrow.names
+        if cfg.id_column is not None:
+            if cfg.id_column not in names:
+                raise InputError(f"{meta_url}: missing id column {cfg.id_column!r}; has {', '.join(names)}")
+            id_col = cfg.id_column
+        else:
+            id_col = next((c for c in CLIP_ID_CANDIDATES if c in names), None)
+        missing = [c for c in _metadata_names(cfg) if c not in names]
+        if missing:
+            raise InputError(f"{meta_url}: missing metadata column(s) {', '.join(missing)}; has {', '.join(names)}")
+        _check_metadata_types(meta_url, pf.schema_arrow, cfg)
+        shards.append(
+            Shard(index=start + offset, kind="clip-retrieval", url=emb_url, metadata_url=meta_url, n_rows=shape[0], dim=shape[1], id_column=id_col)
+        )
+    return shards
+
+
+def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, from its header alone."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 - public read_array_header_* are per version
+            offset = fh.tell()
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{url}: unreadable .npy shard ({type(exc).__name__}: {exc})") from exc
+    if fortran:
+        raise InputError(f"{url}: Fortran-ordered .npy is not supported")
+    return shape, dtype, offset
+
+
+# ---------------------------------------------------------------- ids
+
+
+def read_ids(shard: Shard) -> pa.Array:
+    """All ids of a shard as strings (synthesised ids when the shard has no id column)."""
+    if shard.id_column is None:
+        return _synthetic_ids(shard, 0, shard.n_rows)
+    url = shard.metadata_url or shard.url
+    table = _open_parquet(url).read(columns=[shard.id_column])
+    return _ids_as_strings(table.column(0).combine_chunks(), shard, 0)
+
+
+def _synthetic_ids(shard: Shard, start: int, stop: int) -> pa.Array:
+    stem = posixpath.splitext(posixpath.basename(shard.url))[0]
+    return pa.array([f"{stem}:{r}" for r in range(start, stop)], type=pa.string())
+
+
+def _ids_as_strings(ids: pa.Array, shard: Shard, start: int) -> pa.Array:
+    if ids.null_count:
+        row = start + int(pc.index(pc.is_null(ids), True).as_py())
+        raise InputError(f"{shard.name}: row {row} has a null id in column {shard.id_column!r}")
+    return ids if pa.types.is_string(ids.type) else pc.cast(ids, pa.string())
+
+
+def check_unique_ids(shards: list[Shard]) -> None:
+    """Ids must be unique across the whole input; names a duplicate and where it occurs."""
+    per_shard = [read_ids(s) for s in shards]
+    counts = pc.value_counts(pa.chunked_array(per_shard, type=pa.string()))
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return
+    dup_id = dup[0]["values"].as_py()
+    where = [f"{s.name} row {int(pc.index(ids, dup_id).as_py())}" for s, ids in zip(shards, per_shard) if pc.any(pc.equal(ids, dup_id)).as_py()]
+    more = f" ({len(dup) - 1} more duplicated ids)" if len(dup) > 1 else ""
+    raise InputError(f"duplicate id {dup_id!r} in {' and '.join(where)}{more}; ids must be unique across the input")
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def iter_batches(shard: Shard, batch_rows: int, metadata_columns: list[str] | None = None) -> Iterator[Batch]:
+    """The shard's rows in order, ``batch_rows`` at a time."""
+    names = [spec.partition(":")[0] for spec in metadata_columns or []]
+    if shard.kind == "parquet":
+        yield from _parquet_batches(shard, batch_rows, names)
+    else:
+        yield from _clip_batches(shard, batch_rows, names)
+
+
+def _parquet_batches(shard: Shard, batch_rows: int, meta: list[str]) -> Iterator[Batch]:
+    pf = _open_parquet(shard.url)
+    columns = [shard.id_column, shard.embedding_column, *meta]
+    start = 0
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        ids = _ids_as_strings(rb.column(0), shard, start)
+        vectors, bad = _list_to_matrix(rb.column(1), shard.dim)
+        metadata = {m: _as_float(rb.column(2 + i)) for i, m in enumerate(meta)}
+        yield Batch(start=start, ids=ids, vectors=vectors, metadata=metadata, bad_rows=bad)
+        start += rb.num_rows
+
+
+def _as_float(col: pa.Array) -> np.ndarray:
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _list_to_matrix(col: pa.Array, dim: int) -> tuple[np.ndarray, dict[int, str]]:
+    """(n, dim) float array from a list column; null or wrong-length rows become zeros + a reason."""
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type) and col.null_count == 0:
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(n, dim), {}
+    lengths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+    good = lengths == dim
+    if good.all():
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(n, dim), {}
+    bad = {}
+    for r in np.flatnonzero(~good):
+        bad[int(r)] = "embedding is null" if lengths[r] < 0 else f"embedding has {lengths[r]} values, expected {dim}"
+    out = np.zeros((n, dim), dtype=np.float32)
+    kept = col.filter(pa.array(good))
+    out[good] = kept.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return out, bad
+
+
+def _clip_batches(shard: Shard, batch_rows: int, meta: list[str]) -> Iterator[Batch]:
+    shape, dtype, offset = _npy_header(shard.url)
+    row_bytes = shape[1] * dtype.itemsize
+    # The metadata columns needed (ids, ranking columns) are small next to the vectors.
+    meta_cols = ([shard.id_column] if shard.id_column else []) + meta
+    table = _open_parquet(shard.metadata_url).read(columns=meta_cols) if meta_cols else None
+    fs, path = filesystem(shard.url)
+    with fs.open(path, "rb") as fh:
+        fh.seek(offset)
+        for start in range(0, shard.n_rows, batch_rows):
+            stop = min(start + batch_rows, shard.n_rows)
+            raw = fh.read((stop - start) * row_bytes)
+            if len(raw) != (stop - start) * row_bytes:
+                raise InputError(f"{shard.name}: file is truncated at row {start + len(raw) // row_bytes}")
+            vectors = np.frombuffer(raw, dtype=dtype).reshape(stop - start, shape[1])
+            part = table.slice(start, stop - start) if table is not None else None
+            if shard.id_column:
+                ids = _ids_as_strings(part.column(shard.id_column).combine_chunks(), shard, start)
+            else:
+                ids = _synthetic_ids(shard, start, stop)
+            metadata = {m: _as_float(part.column(m).combine_chunks()) for m in meta}
+            yield Batch(start=start, ids=ids, vectors=vectors, metadata=metadata)
+
+
+def read_rows(shard: Shard, rows: np.ndarray, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of the given sorted row numbers (for the k-means sample), with a validity mask."""
+    from .vectors import prepare_vectors
+
+    out = np.zeros((len(rows), shard.dim), dtype=np.float32)
+    valid = np.zeros(len(rows), dtype=bool)
+    for batch in iter_batches(shard, batch_rows):
+        lo, hi = np.searchsorted(rows, [batch.start, batch.start + len(batch.ids)])
+        if lo == hi:
+            continue
+        local = rows[lo:hi] - batch.start
+        picked = batch.vectors[local]
+        prepared = prepare_vectors(picked)
+        ok = prepared.valid & ~np.isin(local, list(batch.bad_rows))
+        out[lo:hi][prepared.valid] = prepared.vectors
+        valid[lo:hi] = ok
+    return out, valid

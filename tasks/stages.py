@@ -1,0 +1,136 @@
+"""Prefect tasks: each wraps one semdedup_core function with retries, logging and artifacts.
+
+Tasks pass the run plan (small) and return small dicts; every array lives in the run's
+storage. Caching is off because resume is the core's job: each core function skips work
+whose completion marker already exists.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import faiss
+import torch
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from semdedup_core import dedup, partitions, results, tuning
+from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.run import RunPlan, plan_run, write_run_json
+from semdedup_core.sources import InputError
+
+_slots: threading.Semaphore | None = None
+_slots_lock = threading.Lock()
+
+
+def configure_compute(workers: int) -> None:
+    """Split the machine's cores between ``workers`` concurrent compute tasks."""
+    global _slots
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    with _slots_lock:
+        _slots = threading.Semaphore(workers)
+
+
+def _compute(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a CPU/GPU-heavy core function inside one of the ``workers`` slots."""
+    assert _slots is not None, "configure_compute() must run first"
+    with _slots:
+        return fn(*args)
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Storage hiccups are retried; bad input or configuration never is (it would fail again)."""
+    try:
+        state.result()
+    except (InputError, ConfigError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+_common = dict(cache_policy=NO_CACHE, persist_result=False)
+_retrying = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_input, **_common)
+
+
+@task(name="plan-run", **_common)
+def plan_run_task(config: RunConfig) -> RunPlan:
+    """Validate inputs and configuration before any work; record run.json."""
+    plan = plan_run(config)
+    write_run_json(plan, {"planned": True})
+    get_run_logger().info(
+        "%d items in %d shards, dim %d, k=%d, %d buckets, device %s", plan.n_input, len(plan.shards), plan.dim, plan.clusters, plan.buckets, plan.device
+    )
+    return plan
+
+
+@task(name="fit-centroids", **_retrying)
+def fit_centroids_task(plan: RunPlan) -> dict:
+    stats = _compute(partitions.fit_centroids, plan)
+    get_run_logger().info("k-means on %d points: objective %.1f, imbalance %.3f", stats["sample_size"], stats["objective"][-1], stats["imbalance_factor"][-1])
+    return stats
+
+
+@task(name="assign-shard", task_run_name="assign-shard-{shard_index}", **_retrying)
+def assign_shard_task(plan: RunPlan, shard_index: int) -> dict:
+    manifest = _compute(partitions.assign_shard, plan, shard_index)
+    if manifest["n_failed"]:
+        get_run_logger().warning("shard %d: %d items failed (see result/failed.parquet)", shard_index, manifest["n_failed"])
+    return {k: manifest[k] for k in ("shard", "n_rows", "n_assigned", "n_failed")}
+
+
+@task(name="collect-partitions", **_retrying)
+def collect_partitions_task(plan: RunPlan) -> dict:
+    return partitions.collect_partitions(plan)
+
+
+@task(name="tune-eps", **_retrying)
+def tune_eps_task(plan: RunPlan, partition_index: dict) -> dict:
+    result = _compute(tuning.tune_eps, plan, partition_index)
+    get_run_logger().info(
+        "eps=%.6f predicted kept fraction %.4f (target %.4f) on %d clusters",
+        result["eps"],
+        result["predicted_kept_fraction"],
+        result["target_keep"],
+        result["sample_clusters"],
+    )
+    return result
+
+
+@task(name="dedup-bucket", task_run_name="dedup-bucket-{bucket}", **_retrying)
+def score_bucket_task(plan: RunPlan, bucket: int, entries: list, eps: float) -> dict:
+    return _compute(dedup.score_bucket, plan, bucket, entries, eps)
+
+
+@task(name="finalize", **_retrying)
+def finalize_task(plan: RunPlan, eps: float, tuning_result: dict | None, timings: dict[str, float]) -> dict:
+    summary = results.finalize(plan, eps, tuning_result, timings)
+    write_run_json(plan, {"finalized": True})
+    create_markdown_artifact(
+        key="semdedup-summary",
+        markdown=(
+            f"### semdedup: {summary['n_kept']:,} kept, {summary['n_removed']:,} removed, {summary['n_failed']:,} failed\n\n"
+            f"of {summary['n_input']:,} items at eps={summary['eps']:.6g} (kept fraction {summary['kept_fraction']:.4f}).\n\n"
+            f"Output: `{plan.config.output}` (report: `{plan.layout.report}`)"
+        ),
+        description="semdedup run summary",
+    )
+    if tuning_result:
+        create_table_artifact(key="semdedup-tuning", table=[tuning_result], description="eps tuned to the target kept fraction")
+    return summary
+
+
+def timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    """Wall time of one stage of the flow (waiting on its futures included)."""
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        timings[name] = round(time.perf_counter() - start, 3)
