@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow, unmapped
 
 from semdedup_core.config import RunConfig
+from semdedup_core.run import StageClock, record_stage
 from tasks.stages import (
     assign_shard_task,
     collect_partitions_task,
@@ -17,7 +18,6 @@ from tasks.stages import (
     fit_centroids_task,
     plan_run_task,
     score_bucket_task,
-    timed,
     tune_eps_task,
 )
 
@@ -26,26 +26,27 @@ from tasks.stages import (
 def semdedup_flow(config: RunConfig) -> dict:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
     configure_compute(config.workers)
-    timings: dict[str, float] = {}
-    plan = timed(timings, "plan", lambda: plan_run_task(config))
+    clock = StageClock()
+    with clock.stage("plan"):
+        plan = plan_run_task(config)  # every misconfiguration fails here, before any work
+    record_stage(plan, "plan", clock.seconds["plan"])
 
-    timed(timings, "fit", lambda: fit_centroids_task(plan))
-    timed(
-        timings,
-        "assign",
-        lambda: assign_shard_task.map(unmapped(plan), [s.index for s in plan.shards]).result(),
-    )
-    index = timed(timings, "collect", lambda: collect_partitions_task(plan))
+    with clock.stage("fit", plan):
+        fit_centroids_task(plan)
+    with clock.stage("assign", plan):
+        assign_shard_task.map(unmapped(plan), [s.index for s in plan.shards]).result()
+    with clock.stage("collect", plan):
+        index = collect_partitions_task(plan)
 
     tuning = None
     eps = config.effective_eps
     if config.target_keep is not None:
-        tuning = timed(timings, "tune", lambda: tune_eps_task(plan, index))
+        with clock.stage("tune", plan):
+            tuning = tune_eps_task(plan, index)
         eps = tuning["eps"]
 
-    timed(
-        timings,
-        "dedup",
-        lambda: score_bucket_task.map(unmapped(plan), list(range(plan.buckets)), index["buckets"], unmapped(eps)).result(),
-    )
-    return finalize_task(plan, eps, tuning, timings)
+    with clock.stage("dedup", plan):
+        score_bucket_task.map(unmapped(plan), list(range(plan.buckets)), index["buckets"], unmapped(eps)).result()
+    with clock.stage("finalize", plan):
+        summary = finalize_task(plan, eps, tuning, dict(clock.seconds))
+    return summary

@@ -35,6 +35,7 @@ import torch
 # cannot allocate pairs x d float64 at once.
 _RESCORE_CHUNK = 8192
 _UNIT_ROUNDOFF = 2.0**-24
+_HASH_BLOCK = 16384
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,32 @@ def screening_band(dim: int) -> float:
 
 
 def first_copy_mask(y: np.ndarray) -> np.ndarray:
-    """True where a row is the first (in order) of its group of bitwise-identical rows."""
+    """True where a row is the first (in order) of its group of bitwise-identical rows.
+
+    Rows are hashed in blocks (a seeded multiply-add over their 32-bit words), so memory
+    stays O(n) beyond the input; rows with equal hashes are compared byte for byte.
+    """
     n = y.shape[0]
-    if n == 0:
-        return np.ones(0, dtype=bool)
-    rows = np.ascontiguousarray(y).view(np.dtype((np.void, y.dtype.itemsize * y.shape[1])))
-    _, first = np.unique(rows.ravel(), return_index=True)
-    mask = np.zeros(n, dtype=bool)
-    mask[first] = True
+    mask = np.ones(n, dtype=bool)
+    if n < 2:
+        return mask
+    words = np.ascontiguousarray(y).view(np.uint32)
+    multipliers = np.random.default_rng(0x5E3D).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    hashes = np.empty(n, dtype=np.uint64)
+    for start in range(0, n, _HASH_BLOCK):
+        block = words[start : start + _HASH_BLOCK].astype(np.uint64)
+        hashes[start : start + _HASH_BLOCK] = (block * multipliers).sum(axis=1)  # wraps mod 2**64
+    order = np.argsort(hashes, kind="stable")  # equal hashes stay in row order
+    sorted_hashes = hashes[order]
+    run_starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    run_stops = np.r_[run_starts[1:], n]
+    for lo, hi in zip(run_starts[run_stops - run_starts > 1], run_stops[run_stops - run_starts > 1]):
+        firsts: list[int] = []
+        for row in order[lo:hi]:
+            if any(np.array_equal(words[row], words[f]) for f in firsts):
+                mask[row] = False
+            else:
+                firsts.append(int(row))
     return mask
 
 

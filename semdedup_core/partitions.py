@@ -132,7 +132,10 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
     n_rows_written = 0
     n_row_groups = 0
 
-    with parquet_writer(layout.partition(shard_index), schema) as writer:
+    # Float vectors barely compress: store them raw, and skip their dictionary and statistics.
+    vector_opts = dict(compression={"vector": "none", **{f: "snappy" for f in schema.names if f != "vector"}},
+                       use_dictionary=["id"], write_statistics=[f for f in schema.names if f != "vector"])
+    with parquet_writer(layout.partition(shard_index), schema, **vector_opts) as writer:
         buffer = _Buffer.empty(meta)
 
         def flush() -> None:
@@ -172,7 +175,7 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
                 failed.append((batch.ids[r].as_py(), f"{shard.name} row {batch.start + r}", errors[r]))
             valid_rows = np.flatnonzero(valid)
             clusters, sims = index.assign(vectors)
-            np.add.at(counts, clusters, 1)
+            counts += np.bincount(clusters, minlength=plan.clusters)
             buffer.ids.append(batch.ids.filter(pa.array(valid)))
             buffer.rows.append(batch.start + valid_rows)
             buffer.clusters.append(clusters)

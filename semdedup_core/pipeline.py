@@ -5,42 +5,33 @@ Same stages, same artifacts and same resume behaviour as the Prefect flow, one a
 
 from __future__ import annotations
 
-import time
-
 from . import dedup, partitions, results, tuning
 from .config import RunConfig
-from .run import plan_run, write_run_json
+from .run import StageClock, plan_run, record_stage, write_run_json
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
-    plan = plan_run(cfg)
-    write_run_json(plan, {"planned": True})
-    lap("plan")
-    partitions.fit_centroids(plan)
-    lap("fit")
-    for shard in plan.shards:
-        partitions.assign_shard(plan, shard.index)
-    lap("assign")
-    index = partitions.collect_partitions(plan)
-    lap("collect")
+    clock = StageClock()
+    with clock.stage("plan"):
+        plan = plan_run(cfg)
+        write_run_json(plan)
+    record_stage(plan, "plan", clock.seconds["plan"])
+    with clock.stage("fit", plan):
+        partitions.fit_centroids(plan)
+    with clock.stage("assign", plan):
+        for shard in plan.shards:
+            partitions.assign_shard(plan, shard.index)
+    with clock.stage("collect", plan):
+        index = partitions.collect_partitions(plan)
     tuned = None
     eps = cfg.effective_eps
     if cfg.target_keep is not None:
-        tuned = tuning.tune_eps(plan, index)
+        with clock.stage("tune", plan):
+            tuned = tuning.tune_eps(plan, index)
         eps = tuned["eps"]
-        lap("tune")
-    for bucket, entries in enumerate(index["buckets"]):
-        dedup.score_bucket(plan, bucket, entries, eps)
-    lap("dedup")
-    summary = results.finalize(plan, eps, tuned, timings)
-    write_run_json(plan, {"finalized": True})
+    with clock.stage("dedup", plan):
+        for bucket, entries in enumerate(index["buckets"]):
+            dedup.score_bucket(plan, bucket, entries, eps)
+    with clock.stage("finalize", plan):
+        summary = results.finalize(plan, eps, tuned, dict(clock.seconds))
     return summary

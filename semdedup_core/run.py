@@ -6,7 +6,9 @@ import datetime as _dt
 import importlib.metadata
 import math
 import platform
-from typing import Any
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pydantic import BaseModel
 
@@ -90,18 +92,23 @@ def check_resumable(plan: RunPlan) -> None:
         )
 
 
-def write_run_json(plan: RunPlan, stages: dict[str, Any]) -> None:
-    """run.json: config (no secrets: the config holds none), versions, seeds, stage status."""
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_json(plan: RunPlan) -> None:
+    """run.json: config (no secrets: the config holds none), versions, seeds, stage status.
+
+    Stage status already recorded by an earlier (interrupted) run is kept.
+    """
     layout = plan.layout
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    if exists(layout.run_json):
-        created = read_json(layout.run_json).get("created", created)
+    previous = read_json(layout.run_json) if exists(layout.run_json) else {}
     write_json(
         layout.run_json,
         {
             "format_version": RUN_FORMAT_VERSION,
-            "created": created,
-            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "created": previous.get("created", _now()),
+            "updated": _now(),
             "config": plan.config.result_fields(),
             "execution": {"device": plan.device, "tile_size": plan.config.tile_size, "workers": plan.config.workers},
             "seeds": {"seed": plan.config.seed},
@@ -111,7 +118,31 @@ def write_run_json(plan: RunPlan, stages: dict[str, Any]) -> None:
             "buckets": plan.buckets,
             "shards": [s.model_dump() for s in plan.shards],
             "versions": package_versions(),
-            "stages": stages,
+            "stages": previous.get("stages", {}),
             "parent_run": None,
         },
     )
+
+
+def record_stage(plan: RunPlan, stage: str, seconds: float) -> None:
+    """Mark a stage complete in run.json (called by the orchestrator, never by mapped units)."""
+    layout = plan.layout
+    state = read_json(layout.run_json)
+    state["stages"][stage] = {"status": "done", "seconds": round(seconds, 3), "at": _now()}
+    state["updated"] = _now()
+    write_json(layout.run_json, state)
+
+
+class StageClock:
+    """Wall time of each stage (waiting on mapped work included), recorded in run.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, plan: RunPlan | None = None) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        if plan is not None:
+            record_stage(plan, name, self.seconds[name])

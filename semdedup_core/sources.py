@@ -88,13 +88,13 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
         if s.url in seen:
             raise InputError(f"{s.url}: listed twice in the inputs")
         seen[s.url] = s.index
-    dims = {s.dim for s in shards}
-    if len(dims) > 1:
-        first = shards[0]
-        other = next(s for s in shards if s.dim != first.dim)
-        raise InputError(f"{other.name}: embeddings have dimension {other.dim}, but {first.name} has {first.dim}")
-    if sum(s.n_rows for s in shards) == 0:
+    nonempty = [s for s in shards if s.n_rows]
+    if not nonempty:
         raise InputError("the input has no rows")
+    if len({s.dim for s in nonempty}) > 1:
+        first = nonempty[0]
+        other = next(s for s in nonempty if s.dim != first.dim)
+        raise InputError(f"{other.name}: embeddings have dimension {other.dim}, but {first.name} has {first.dim}")
     return shards
 
 

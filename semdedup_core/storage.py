@@ -102,10 +102,10 @@ def write_parquet(url: str, table: pa.Table) -> None:
 
 
 @contextmanager
-def parquet_writer(url: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+def parquet_writer(url: str, schema: pa.Schema, **options: Any) -> Iterator[pq.ParquetWriter]:
     """Stream row groups into one parquet file that appears atomically when closed."""
     with atomic_open(url) as fh:
-        writer = pq.ParquetWriter(fh, schema)
+        writer = pq.ParquetWriter(fh, schema, **options)
         try:
             yield writer
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +63,7 @@ _retrying = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unl
 def plan_run_task(config: RunConfig) -> RunPlan:
     """Validate inputs and configuration before any work; record run.json."""
     plan = plan_run(config)
-    write_run_json(plan, {"planned": True})
+    write_run_json(plan)
     get_run_logger().info(
         "%d items in %d shards, dim %d, k=%d, %d buckets, device %s", plan.n_input, len(plan.shards), plan.dim, plan.clusters, plan.buckets, plan.device
     )
@@ -112,7 +111,6 @@ def score_bucket_task(plan: RunPlan, bucket: int, entries: list, eps: float) -> 
 @task(name="finalize", **_retrying)
 def finalize_task(plan: RunPlan, eps: float, tuning_result: dict | None, timings: dict[str, float]) -> dict:
     summary = results.finalize(plan, eps, tuning_result, timings)
-    write_run_json(plan, {"finalized": True})
     create_markdown_artifact(
         key="semdedup-summary",
         markdown=(
@@ -125,12 +123,3 @@ def finalize_task(plan: RunPlan, eps: float, tuning_result: dict | None, timings
     if tuning_result:
         create_table_artifact(key="semdedup-tuning", table=[tuning_result], description="eps tuned to the target kept fraction")
     return summary
-
-
-def timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
-    """Wall time of one stage of the flow (waiting on its futures included)."""
-    start = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        timings[name] = round(time.perf_counter() - start, 3)
