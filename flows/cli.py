@@ -18,7 +18,6 @@ from semdedup_core.config import ConfigError, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic deduplication (SemDeDup) of image and text datasets.")
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -28,7 +27,8 @@ def _quiet_prefect(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"semdedup: error: {message}", markup=False, highlight=False)
+    # Plain stderr: one line whatever the terminal width, so scripts can parse it.
+    print(f"semdedup: error: {' '.join(message.split())}", file=sys.stderr)
     raise typer.Exit(code=2)
 
 
@@ -114,8 +114,9 @@ def print_summary(summary: dict) -> None:
         table.add_row("kept fraction", f"{summary['kept_fraction']:.4f}")
     table.add_row("clusters", str(summary["clusters"]))
     table.add_row("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
-    table.add_row("output", summary["output"])
     console.print(table)
+    # Outside the table so a long URL is never cut.
+    console.print(f"output: {summary['output']}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

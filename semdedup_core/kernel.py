@@ -35,7 +35,7 @@ import torch
 # cannot allocate pairs x d float64 at once.
 _RESCORE_CHUNK = 8192
 _UNIT_ROUNDOFF = 2.0**-24
-_HASH_BLOCK = 16384
+_HASH_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,12 @@ def cluster_max_sim(
     dev = torch.device(device) if isinstance(device, str) else device
     y_np = np.ascontiguousarray(y_np)
     yt = torch.from_numpy(y_np).to(dev)
-    copy_cols = torch.from_numpy(~first_copy_mask(y_np)).to(dev)
-    any_copies = bool(copy_cols.any())
+    is_copy = ~first_copy_mask(y_np)
+    copy_cols = torch.from_numpy(is_copy).to(dev)
     band = screening_band(dim)
     neg_inf = float("-inf")
     t = tile_size
+    tile_has_copies = [bool(is_copy[k0 : k0 + t].any()) for k0 in range(0, n, t)]
     tile_buf = torch.empty((t, t), dtype=torch.float32, device=dev)
     # upper[r, c] is True where key c is not before query r inside a diagonal tile.
     upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
@@ -172,34 +173,42 @@ def cluster_max_sim(
             q1 = min(q0 + t, n)
             rq = q1 - q0
             queries = yt[q0:q1]
-            best_val = torch.full((rq,), neg_inf, dtype=torch.float32, device=dev)
-            best_col = torch.full((rq,), -1, dtype=torch.int64, device=dev)
+            # Running fp32 (screening) max per row; candidates within 2*band of it.
+            run_max = torch.full((rq,), neg_inf, dtype=torch.float32, device=dev)
+            cand_rows, cand_cols, cand_sims = [], [], []
             for k0 in range(0, q1, t):
                 k1 = min(k0 + t, q1)
                 sims = tile_buf[:rq, : k1 - k0]
                 torch.mm(queries, yt[k0:k1].T, out=sims)
                 if k1 > q0:  # the diagonal tile: keys must come strictly before the query
                     sims.masked_fill_(upper[:rq, : k1 - k0], neg_inf)
-                if any_copies:
+                if tile_has_copies[k0 // t]:
                     sims.masked_fill_(copy_cols[k0:k1].unsqueeze(0), neg_inf)
                 tile_max = sims.amax(dim=1)
-                # Lower bound on the row's true max, minus the band, is where candidates start.
-                active = (tile_max > neg_inf) & (tile_max >= best_val - band)
-                if not bool(active.any()):
+                active = (tile_max > neg_inf) & (tile_max >= run_max - 2 * band)
+                n_active = int(active.sum())
+                if n_active == 0:
                     continue
-                act_rows = active.nonzero().squeeze(1)
-                threshold = torch.maximum(best_val[act_rows] - band, tile_max[act_rows] - 2 * band)
-                act_sims = sims if act_rows.shape[0] == rq else sims.index_select(0, act_rows)
-                cand = act_sims >= threshold.unsqueeze(1)
-                r_local, c_local = cand.nonzero(as_tuple=True)
-                rows = act_rows[r_local]
-                cols = c_local + k0
-                vals = _rescore(yt, rows + q0, cols)
-                tile_best_val, tile_best_col = _best_per_row(rows, cols, vals, rq)
-                # Strict: on equal values the earlier tile (smaller index) keeps the win.
-                better = tile_best_val > best_val
-                best_val = torch.where(better, tile_best_val, best_val)
-                best_col = torch.where(better, tile_best_col, best_col)
+                new_max = torch.maximum(run_max, tile_max)
+                threshold = torch.where(active, new_max - 2 * band, float("inf"))
+                if n_active * 4 >= rq:  # most rows: one compare over the tile beats a row gather
+                    r_local, c_local = (sims >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
+                else:
+                    act_rows = active.nonzero().squeeze(1)
+                    r_sub, c_local = (sims.index_select(0, act_rows) >= threshold[act_rows].unsqueeze(1)).nonzero(as_tuple=True)
+                    r_local = act_rows[r_sub]
+                cand_rows.append(r_local)
+                cand_cols.append(c_local + k0)
+                cand_sims.append(sims[r_local, c_local])
+                run_max = new_max
+            if not cand_rows:
+                continue
+            rows, cols, approx = torch.cat(cand_rows), torch.cat(cand_cols), torch.cat(cand_sims)
+            # The true argmax is within 2*band of the final screening max (see module docstring).
+            live = approx >= run_max[rows] - 2 * band
+            rows, cols = rows[live], cols[live]
+            vals = _rescore(yt, rows + q0, cols)
+            best_val, best_col = _best_per_row(rows, cols, vals, rq)
             max_sim[q0:q1] = best_val.cpu().numpy()
             dup_of[q0:q1] = best_col.cpu().numpy()
     max_sim[0] = np.nan

@@ -36,6 +36,9 @@ class RunLayout:
     def partition(self, shard: int) -> str:
         return self._at("partitions", f"shard-{shard:05d}.parquet")
 
+    def partition_vectors(self, shard: int) -> str:
+        return self._at("partitions", f"shard-{shard:05d}.f32")
+
     def partition_failed(self, shard: int) -> str:
         return self._at("partitions", f"shard-{shard:05d}.failed.parquet")
 

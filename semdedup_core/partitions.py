@@ -1,8 +1,13 @@
 """Fit centroids, assign every item, and group items by bucket of clusters for the dedup tasks.
 
-Each input shard gets one partition parquet with one row group per bucket it has items
-for, so a dedup task reads exactly its row groups from every shard (range reads on
-object storage) and nothing else. Rows stay in input order inside a row group.
+Each input shard gets a partition in two files written in the same row order, grouped
+by bucket (input order inside a bucket):
+- ``shard-N.parquet``: the small columns (id, row, cluster, centroid_sim, metadata), one
+  row group per (flush, bucket);
+- ``shard-N.f32``: the vectors as raw little-endian float32, row-major.
+A dedup task reads its row groups and the matching byte ranges of the vectors, straight
+into place: no list-column decoding (which costs pyarrow ~4x the vectors' size) and
+nothing read that the task does not use (range reads on object storage).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import pyarrow.parquet as pq
 
 from .clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
 from .run import RunPlan
-from .sources import Shard, iter_batches, read_rows
-from .storage import exists, filesystem, parquet_writer, read_json, read_npy, write_json, write_npy, write_parquet
+from .sources import iter_batches, read_rows
+from .storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_npy, write_json, write_npy, write_parquet
 from .vectors import prepare_vectors
 
-READ_BATCH_ROWS = 65536
+READ_BATCH_ROWS = 16384
 # Partition rows are buffered up to this many before being written as row groups, so
 # row groups stay large while memory stays bounded for any shard size.
-FLUSH_ROWS = 262144
+FLUSH_ROWS = 131072
+# Vector ranges are read at most this many bytes at a time.
+READ_CHUNK_BYTES = 32 * 2**20
+_F32 = np.dtype("<f4")
 
 FAILED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
@@ -32,13 +40,12 @@ def _meta_names(plan: RunPlan) -> list[str]:
     return [spec.partition(":")[0] for spec in plan.config.metadata_columns]
 
 
-def partition_schema(dim: int, metadata: list[str]) -> pa.Schema:
+def partition_schema(metadata: list[str]) -> pa.Schema:
     fields = [
         ("id", pa.string()),
         ("row", pa.int64()),
         ("cluster", pa.int32()),
         ("centroid_sim", pa.float32()),
-        ("vector", pa.list_(pa.float32(), dim)),
     ]
     fields += [(f"meta_{m}", pa.float64()) for m in metadata]
     return pa.schema(fields)
@@ -125,21 +132,19 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
     centroids = read_npy(layout.centroids)
     bucket_of = read_npy(layout.bucket_of_cluster)
     index = CentroidIndex(centroids, use_gpu=plan.device.startswith("cuda") and gpu_available())
-    schema = partition_schema(plan.dim, meta)
-    row_groups: dict[int, list[int]] = {}
+    schema = partition_schema(meta)
+    # bucket -> [[row group, first row, rows], ...]
+    row_groups: dict[int, list[list[int]]] = {}
     counts = np.zeros(plan.clusters, dtype=np.int64)
     failed: list[tuple[str, str, str]] = []
     n_rows_written = 0
-    n_row_groups = 0
+    n_groups = 0
 
-    # Float vectors barely compress: store them raw, and skip their dictionary and statistics.
-    vector_opts = dict(compression={"vector": "none", **{f: "snappy" for f in schema.names if f != "vector"}},
-                       use_dictionary=["id"], write_statistics=[f for f in schema.names if f != "vector"])
-    with parquet_writer(layout.partition(shard_index), schema, **vector_opts) as writer:
+    with parquet_writer(layout.partition(shard_index), schema) as writer, atomic_open(layout.partition_vectors(shard_index)) as vector_file:
         buffer = _Buffer.empty(meta)
 
         def flush() -> None:
-            nonlocal buffer, n_rows_written, n_row_groups
+            nonlocal buffer, n_rows_written, n_groups
             if not len(buffer):
                 return
             clusters = np.concatenate(buffer.clusters)
@@ -151,18 +156,17 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
                 "cluster": clusters[order],
                 "centroid_sim": np.concatenate(buffer.sims)[order],
             }
-            vectors = np.concatenate(buffer.vectors)[order]
-            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), plan.dim)
             for m in meta:
                 columns[f"meta_{m}"] = np.concatenate(buffer.metadata[m])[order]
             table = pa.table(columns, schema=schema)
+            vector_file.write(memoryview(np.concatenate(buffer.vectors)[order].astype(_F32, copy=False)))
             sorted_buckets = buckets[order]
             starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
             stops = np.r_[starts[1:], len(order)]
             for lo, hi in zip(starts, stops):
-                row_groups.setdefault(int(sorted_buckets[lo]), []).append(n_row_groups)
+                row_groups.setdefault(int(sorted_buckets[lo]), []).append([n_groups, n_rows_written + int(lo), int(hi - lo)])
                 writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
-                n_row_groups += 1
+                n_groups += 1
             n_rows_written += len(order)
             buffer = _Buffer.empty(meta)
 
@@ -173,11 +177,10 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
             errors = {**prepared.errors, **batch.bad_rows}
             for r in sorted(errors):
                 failed.append((batch.ids[r].as_py(), f"{shard.name} row {batch.start + r}", errors[r]))
-            valid_rows = np.flatnonzero(valid)
             clusters, sims = index.assign(vectors)
             counts += np.bincount(clusters, minlength=plan.clusters)
             buffer.ids.append(batch.ids.filter(pa.array(valid)))
-            buffer.rows.append(batch.start + valid_rows)
+            buffer.rows.append(batch.start + np.flatnonzero(valid))
             buffer.clusters.append(clusters)
             buffer.sims.append(sims)
             buffer.vectors.append(vectors)
@@ -213,8 +216,8 @@ def collect_partitions(plan: RunPlan) -> dict:
     n_failed = n_assigned = 0
     for shard in plan.shards:
         manifest = read_json(layout.partition_manifest(shard.index))
-        for b, rgs in manifest["row_groups"].items():
-            buckets[int(b)].append([shard.index, rgs])
+        for b, groups in manifest["row_groups"].items():
+            buckets[int(b)].append([shard.index, groups])
         for c, n in manifest["cluster_counts"].items():
             sizes[int(c)] += n
         n_failed += manifest["n_failed"]
@@ -243,21 +246,22 @@ class BucketData:
 def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketData:
     """Read a bucket's rows (optionally only some clusters) and lay them out in keep order.
 
-    Small columns are read first to compute each row's destination, then vectors are
-    read shard by shard straight into place: peak memory is the bucket's vectors plus
-    one shard's part, never two copies.
+    Small columns are read first to compute each row's destination, then vector byte
+    ranges are read chunk by chunk straight into place: peak memory is the bucket's
+    vectors plus one chunk, never two copies.
     """
     meta = _meta_names(plan)
     small_cols = ["id", "cluster", "centroid_sim", *[f"meta_{m}" for m in meta]]
     parts = []
-    for shard_index, rgs in bucket_entries:
-        pf = _partition_file(plan, shard_index)
-        t = pf.read_row_groups(rgs, columns=small_cols)
+    for shard_index, groups in bucket_entries:
+        fs, path = filesystem(plan.layout.partition(shard_index))
+        with fs.open(path, "rb") as fh:
+            t = pq.ParquetFile(fh).read_row_groups([g for g, _, _ in groups], columns=small_cols)
         keep = None
         if only_clusters is not None:
             keep = np.isin(t.column("cluster").to_numpy(), only_clusters)
             t = t.filter(pa.array(keep))
-        parts.append((shard_index, rgs, keep, t))
+        parts.append((shard_index, groups, keep, t))
     table = pa.concat_tables([p[3] for p in parts]) if parts else None
     if table is None or table.num_rows == 0:
         empty = np.zeros(0, np.int32)
@@ -272,25 +276,21 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
     perm = np.empty_like(by_cluster)  # perm[destination] = source row
     for lo, hi in zip(starts, stops):
         members = by_cluster[lo:hi]
-        c = int(sorted_clusters[lo])
-        local = order_fn(c, sims[members], {m: v[members] for m, v in metadata.items()})
+        local = order_fn(int(sorted_clusters[lo]), sims[members], {m: v[members] for m, v in metadata.items()})
         perm[lo:hi] = members[local]
     dest = np.empty_like(perm)
     dest[perm] = np.arange(len(perm))
     vectors = np.empty((len(perm), plan.dim), dtype=np.float32)
-    offset = 0
-    for shard_index, rgs, keep, t in parts:
-        n = t.num_rows
-        if n:
-            col = _partition_file(plan, shard_index).read_row_groups(rgs, columns=["vector"]).column(0)
-            pos = 0  # row within the row groups read (before the cluster filter)
-            for chunk in col.chunks:  # one chunk per row group: no combined copy
-                flat = chunk.flatten().to_numpy().reshape(-1, plan.dim)
-                if keep is not None:
-                    flat = flat[keep[pos : pos + len(chunk)]]
-                vectors[dest[offset : offset + len(flat)]] = flat
-                offset += len(flat)
-                pos += len(chunk)
+    offset = 0  # next source row (after the cluster filter) across all parts
+    for shard_index, groups, keep, _ in parts:
+        pos = 0  # row within this shard's selected row groups (before the filter)
+        for first, count in _chunked_ranges([(r, n) for _, r, n in groups], plan.dim):
+            block = _read_vectors(plan, shard_index, first, count)
+            if keep is not None:
+                block = block[keep[pos : pos + count]]
+            vectors[dest[offset : offset + len(block)]] = block
+            offset += len(block)
+            pos += count
     return BucketData(
         ids=table.column("id").combine_chunks().take(pa.array(perm)),
         cluster=cluster[perm],
@@ -301,6 +301,16 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
     )
 
 
-def _partition_file(plan: RunPlan, shard_index: int) -> pq.ParquetFile:
-    fs, path = filesystem(plan.layout.partition(shard_index))
-    return pq.ParquetFile(fs.open(path, "rb"))
+def _chunked_ranges(ranges: list[tuple[int, int]], dim: int) -> list[tuple[int, int]]:
+    """Split (first row, rows) ranges so no read exceeds READ_CHUNK_BYTES."""
+    step = max(1, READ_CHUNK_BYTES // (dim * _F32.itemsize))
+    return [(first + s, min(step, rows - s)) for first, rows in ranges for s in range(0, rows, step)]
+
+
+def _read_vectors(plan: RunPlan, shard_index: int, first: int, count: int) -> np.ndarray:
+    row_bytes = plan.dim * _F32.itemsize
+    fs, path = filesystem(plan.layout.partition_vectors(shard_index))
+    data = fs.cat_file(path, start=first * row_bytes, end=(first + count) * row_bytes)
+    if len(data) != count * row_bytes:
+        raise OSError(f"{plan.layout.partition_vectors(shard_index)}: expected {count * row_bytes} bytes at row {first}, got {len(data)}")
+    return np.frombuffer(data, dtype=_F32).reshape(count, plan.dim)

@@ -44,7 +44,7 @@ class Shard(BaseModel):
     metadata_url: str | None = None  # clip-retrieval metadata parquet
     n_rows: int
     dim: int
-    id_column: str | None  # None: ids are synthesised as "<file stem>:<row>"
+    id_column: str | None  # None: ids are synthesised as "<embeddings file URL>:<row>"
     embedding_column: str | None = None  # parquet shards only
 
     @property
@@ -198,12 +198,18 @@ def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype, int]:
     try:
         with fs.open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 - public read_array_header_* are per version
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
+        size = fs.size(path)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{url}: unreadable .npy shard ({type(exc).__name__}: {exc})") from exc
     if fortran:
         raise InputError(f"{url}: Fortran-ordered .npy is not supported")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if size < expected:
+        rows = (size - offset) // max(1, int(np.prod(shape[1:])) * dtype.itemsize)
+        raise InputError(f"{url}: file is truncated: header says {shape[0]} rows, data holds {rows}")
     return shape, dtype, offset
 
 
@@ -220,8 +226,8 @@ def read_ids(shard: Shard) -> pa.Array:
 
 
 def _synthetic_ids(shard: Shard, start: int, stop: int) -> pa.Array:
-    stem = posixpath.splitext(posixpath.basename(shard.url))[0]
-    return pa.array([f"{stem}:{r}" for r in range(start, stop)], type=pa.string())
+    # The full file URL keeps ids unique when several clip-retrieval folders are combined.
+    return pa.array([f"{shard.url}:{r}" for r in range(start, stop)], type=pa.string())
 
 
 def _ids_as_strings(ids: pa.Array, shard: Shard, start: int) -> pa.Array:
