@@ -51,6 +51,8 @@ def run(
     buckets: Annotated[Optional[int], typer.Option(help="Number of dedup tasks.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Tasks run at once.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run at --output and start over.")] = False,
+    storage_block: Annotated[Optional[str], typer.Option("--storage-block", help="Prefect Secret block with S3 options (JSON).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
@@ -75,6 +77,8 @@ def run(
             buckets=buckets,
             workers=workers,
             device=device,
+            on_existing="fresh" if fresh else None,
+            storage_block=storage_block,
         )
     except ConfigError as exc:
         _fail(str(exc))
@@ -84,19 +88,23 @@ def run(
 
 def execute(cfg: RunConfig, verbose: bool = False) -> dict:
     """Fail fast on a misconfiguration (no Prefect start-up), then run the flow."""
+    from semdedup_core.lease import LeaseError
     from semdedup_core.run import plan_run
     from semdedup_core.sources import InputError
+    from semdedup_core.storage import StorageError
 
-    try:
-        plan_run(cfg)
-    except (ConfigError, InputError) as exc:
-        _fail(str(exc))
+    refusals = (ConfigError, InputError, LeaseError)
+    if cfg.storage_block is None:  # a block's options load inside the flow, where Prefect runs
+        try:
+            plan_run(cfg)
+        except refusals as exc:
+            _fail(str(exc))
     _quiet_prefect(verbose)
     from flows.dedup_flow import semdedup_flow
 
     try:
         return semdedup_flow(config=cfg)
-    except (ConfigError, InputError) as exc:
+    except (*refusals, StorageError) as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
 

@@ -19,7 +19,7 @@ SUPPORTED_FORMATS = ("auto", "embeddings", "clip-retrieval")
 
 # Fields that change how fast a run goes but never what it decides; a resumed run may
 # change them freely (the kernel is exact for every tile size and device).
-EXECUTION_FIELDS = frozenset({"tile_size", "device", "workers"})
+EXECUTION_FIELDS = frozenset({"tile_size", "device", "workers", "on_existing", "storage_block"})
 
 
 class ConfigError(ValueError):
@@ -61,12 +61,26 @@ class RunConfig(BaseModel):
     buckets: int | None = Field(None, ge=1, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
     device: Device = Field("auto", description="auto uses CUDA when present.")
     workers: int = Field(1, ge=1, description="Tasks run at once; torch/faiss threads are split between them.")
+    on_existing: Literal["resume", "fresh"] = Field(
+        "resume", description="An existing run at the output: resume it (same config required), or delete it and start fresh."
+    )
+    storage_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding fsspec S3 options as JSON (key, secret, endpoint_url, ...). Default: the environment."
+    )
 
     @field_validator("input")
     @classmethod
     def _non_empty_inputs(cls, value: list[str]) -> list[str]:
         if any(not v.strip() for v in value):
             raise ValueError("input entries must be non-empty")
+        for url in value:
+            _refuse_credentials(url)
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_without_credentials(cls, value: str) -> str:
+        _refuse_credentials(value)
         return value
 
     @model_validator(mode="after")
@@ -122,6 +136,13 @@ class RunConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _refuse_credentials(url: str) -> None:
+    """Credentials must come from the environment or a Prefect block, never inside a URL."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// URL carries credentials; set them in the environment (e.g. AWS_ACCESS_KEY_ID) or a Prefect block instead")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

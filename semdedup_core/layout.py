@@ -18,6 +18,10 @@ class RunLayout:
     def run_json(self) -> str:
         return self._at("run.json")
 
+    @property
+    def lease(self) -> str:
+        return self._at("lease.json")
+
     # clustering
     @property
     def centroids(self) -> str:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
 from .run import RunPlan
 from .sources import iter_batches, read_rows
-from .storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_npy, write_json, write_npy, write_parquet
+from .storage import atomic_open, exists, parquet_writer, read_json, read_npy, read_parquet, read_range, write_json, write_npy, write_parquet
 from .vectors import prepare_vectors
 
 READ_BATCH_ROWS = 16384
@@ -254,9 +253,7 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
     small_cols = ["id", "cluster", "centroid_sim", *[f"meta_{m}" for m in meta]]
     parts = []
     for shard_index, groups in bucket_entries:
-        fs, path = filesystem(plan.layout.partition(shard_index))
-        with fs.open(path, "rb") as fh:
-            t = pq.ParquetFile(fh).read_row_groups([g for g, _, _ in groups], columns=small_cols)
+        t = read_parquet(plan.layout.partition(shard_index), columns=small_cols, row_groups=[g for g, _, _ in groups])
         keep = None
         if only_clusters is not None:
             keep = np.isin(t.column("cluster").to_numpy(), only_clusters)
@@ -309,8 +306,5 @@ def _chunked_ranges(ranges: list[tuple[int, int]], dim: int) -> list[tuple[int, 
 
 def _read_vectors(plan: RunPlan, shard_index: int, first: int, count: int) -> np.ndarray:
     row_bytes = plan.dim * _F32.itemsize
-    fs, path = filesystem(plan.layout.partition_vectors(shard_index))
-    data = fs.cat_file(path, start=first * row_bytes, end=(first + count) * row_bytes)
-    if len(data) != count * row_bytes:
-        raise OSError(f"{plan.layout.partition_vectors(shard_index)}: expected {count * row_bytes} bytes at row {first}, got {len(data)}")
+    data = read_range(plan.layout.partition_vectors(shard_index), first * row_bytes, (first + count) * row_bytes)
     return np.frombuffer(data, dtype=_F32).reshape(count, plan.dim)

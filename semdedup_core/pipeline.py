@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from . import dedup, partitions, results, tuning
 from .config import RunConfig
-from .run import StageClock, plan_run, record_stage, write_run_json
+from .lease import Lease
+from .run import RunPlan, StageClock, plan_run, record_stage, start_run
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
     clock = StageClock()
     with clock.stage("plan"):
         plan = plan_run(cfg)
-        write_run_json(plan)
-    record_stage(plan, "plan", clock.seconds["plan"])
+    with Lease(plan.layout.lease):
+        start_run(plan)
+        record_stage(plan, "plan", clock.seconds["plan"])
+        return _run_stages(cfg, plan, clock)
+
+
+def _run_stages(cfg: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
     with clock.stage("fit", plan):
         partitions.fit_centroids(plan)
     with clock.stage("assign", plan):

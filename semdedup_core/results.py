@@ -6,20 +6,13 @@ import html
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .partitions import FAILED_SCHEMA
 from .run import RunPlan, package_versions
-from .storage import filesystem, parquet_writer, read_json, write_bytes, write_json, write_parquet
+from .storage import parquet_writer, read_json, read_parquet, write_bytes, write_json, write_parquet
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32())])
-
-
-def _read(url: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh, columns=columns)
 
 
 def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
@@ -28,7 +21,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     n_kept = n_removed = 0
     with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
         for bucket in range(plan.buckets):
-            scores = _read(layout.scores(bucket))
+            scores = read_parquet(layout.scores(bucket))
             kept_mask = scores.column("kept")
             kept = scores.filter(kept_mask).select(["id"])
             removed = scores.filter(pc.invert(kept_mask)).select(["id", "dup_of", "max_sim", "cluster"])
@@ -36,7 +29,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
             removed_w.write_table(removed.cast(REMOVED_SCHEMA))
             n_kept += kept.num_rows
             n_removed += removed.num_rows
-    failed = pa.concat_tables([_read(layout.partition_failed(s.index)) for s in plan.shards]).cast(FAILED_SCHEMA)
+    failed = pa.concat_tables([read_parquet(layout.partition_failed(s.index)) for s in plan.shards]).cast(FAILED_SCHEMA)
     write_parquet(layout.failed, failed)
     n_failed = failed.num_rows
     n_judged = n_kept + n_removed
@@ -68,7 +61,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
 def render_report(plan: RunPlan, summary: dict) -> str:
     """A self-contained page: the numbers, the stages, the most similar removed pairs."""
     layout = plan.layout
-    removed = _read(layout.removed)
+    removed = read_parquet(layout.removed)
     top = removed.sort_by([("max_sim", "descending")]).slice(0, 20).to_pylist() if removed.num_rows else []
     stats = read_json(layout.clustering_stats)
     rows = "".join(

@@ -6,6 +6,7 @@ import datetime as _dt
 import importlib.metadata
 import math
 import platform
+import posixpath
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +16,9 @@ from pydantic import BaseModel
 from .config import ConfigError, RunConfig
 from .kernel import resolve_device
 from .layout import RunLayout
+from .lease import check_free
 from .sources import Shard, check_unique_ids, discover_shards
-from .storage import exists, read_json, write_json
+from .storage import exists, filesystem, read_json, write_json
 
 RUN_FORMAT_VERSION = 1
 MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
@@ -70,8 +72,25 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if buckets > k:
         raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
     plan = RunPlan(config=cfg, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
-    check_resumable(plan)
+    check_free(plan.layout.lease)
+    if cfg.on_existing == "resume":
+        check_resumable(plan)
     return plan
+
+
+def start_run(plan: RunPlan) -> None:
+    """Under the lease: clear the output if asked to start fresh, drop interrupted temp files
+    from a killed run, and write run.json."""
+    layout = plan.layout
+    fs, root = filesystem(layout.root)
+    if plan.config.on_existing == "fresh" and fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if posixpath.basename(entry.rstrip("/")) != posixpath.basename(layout.lease):
+                fs.rm(entry, recursive=True)
+    elif fs.exists(root):
+        for leftover in fs.glob(posixpath.join(root, "**", "*.tmp-*")):
+            fs.rm(leftover)
+    write_run_json(plan)
 
 
 def check_resumable(plan: RunPlan) -> None:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from .config import RunConfig
-from .storage import filesystem, join, list_files
+from .storage import filesystem, join, list_files, with_retries
 
 CLIP_ID_CANDIDATES = ("id", "key", "image_path", "url")
 _CLIP_EMB = re.compile(r"img_emb_(\d+)\.npy$")
@@ -101,7 +101,7 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
 def _open_parquet(url: str) -> pq.ParquetFile:
     fs, path = filesystem(url)
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        return with_retries("open", url, lambda: pq.ParquetFile(fs.open(path, "rb")))
     except Exception as exc:  # noqa: BLE001 - any reader error means the shard is unreadable
         raise InputError(f"{url}: unreadable parquet shard ({type(exc).__name__}: {exc})") from exc
 

@@ -1,19 +1,31 @@
-"""fsspec I/O for the run layout: every artifact is written atomically.
+"""fsspec I/O for the run layout: atomic writes, bounded retries, clear final errors.
 
-Local and other POSIX-like filesystems: write to a unique temporary name beside the
-target, then rename over it. Object stores (s3, gs, ...): a single PUT becomes visible
-whole or not at all, so the object is written in place.
+Atomicity. Local and other POSIX-like filesystems: write to a unique temporary name
+beside the target, then rename over it. Object stores (s3, gs, ...): a PUT (or a
+completed multipart upload) becomes visible whole or not at all, so the object is
+written in place; each stage writes its completion marker last.
+
+Faults. Every request to S3 is retried by botocore (standard mode: 5xx, throttling,
+connection errors); on top of that each whole operation here (read an object, write an
+object, read a byte range, list) is retried with exponential backoff on anything that
+is not a permanent error, and finally raises :class:`StorageError` naming the object.
+
+Credentials never pass through here: s3fs takes them from the environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3``, ...) or from ``fsspec.config.conf``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
@@ -22,11 +34,40 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 _RENAME_ATOMIC_PROTOCOLS = {"file", "local"}
+STORAGE_ATTEMPTS = int(os.environ.get("SEMDEDUP_STORAGE_ATTEMPTS", "6"))
+_BACKOFF_SECONDS = 0.2
+_BACKOFF_CAP_SECONDS = 10.0
+# Errors that another attempt cannot fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError, TypeError, KeyError)
+_T = TypeVar("_T")
+
+
+class StorageError(OSError):
+    """A storage operation that still failed after every retry; names the object."""
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a URL or local path."""
-    return url_to_fs(url)
+    options: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")) and "config_kwargs" not in fsspec.config.conf.get("s3", {}):
+        options["config_kwargs"] = {"retries": {"max_attempts": 5, "mode": "standard"}}
+    return url_to_fs(url, **options)
+
+
+def with_retries(action: str, url: str, operation: Callable[[], _T], attempts: int | None = None) -> _T:
+    """Run ``operation``; retry transient failures with exponential backoff and jitter."""
+    attempts = attempts or STORAGE_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except _PERMANENT:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
+            if attempt == attempts:
+                raise StorageError(f"{url}: {action} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+            delay = min(_BACKOFF_CAP_SECONDS, _BACKOFF_SECONDS * 2 ** (attempt - 1))
+            time.sleep(delay * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 def join(base: str, *parts: str) -> str:
@@ -62,8 +103,47 @@ def atomic_open(url: str) -> Iterator[BinaryIO]:
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    with atomic_open(url) as fh:
-        fh.write(data)
+    def write() -> None:
+        with atomic_open(url) as fh:
+            fh.write(data)
+
+    with_retries("write", url, write)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create ``url`` only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
+    fs, path = filesystem(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+
+    def create() -> bool:
+        try:
+            with fs.open(path, "xb") as fh:
+                fh.write(data)
+            return True
+        except FileExistsError:
+            return False
+
+    return with_retries("create", url, create)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return with_retries("read", url, lambda: fs.cat_file(path))
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object, exactly (a ranged GET on object storage)."""
+    fs, path = filesystem(url)
+
+    def read() -> bytes:
+        data = fs.cat_file(path, start=start, end=end)
+        if len(data) != end - start:
+            raise OSError(f"short read: {len(data)} of {end - start} bytes at offset {start}")
+        return data
+
+    return with_retries("read", url, read)
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -79,9 +159,7 @@ def _json_default(value: Any) -> Any:
 
 
 def read_json(url: str) -> Any:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as fh:
-        return json.load(fh)
+    return json.loads(read_bytes(url))
 
 
 def write_npy(url: str, array: np.ndarray) -> None:
@@ -91,14 +169,25 @@ def write_npy(url: str, array: np.ndarray) -> None:
 
 
 def read_npy(url: str) -> np.ndarray:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as fh:
-        return np.load(io.BytesIO(fh.read()), allow_pickle=False)
+    return np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
 
 
 def write_parquet(url: str, table: pa.Table) -> None:
-    with atomic_open(url) as fh:
-        pq.write_table(table, fh)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(url, buf.getvalue())
+
+
+def read_parquet(url: str, columns: list[str] | None = None, row_groups: list[int] | None = None) -> pa.Table:
+    """A parquet table (or some of its row groups), read with retries."""
+    fs, path = filesystem(url)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            return pf.read(columns=columns) if row_groups is None else pf.read_row_groups(row_groups, columns=columns)
+
+    return with_retries("read", url, read)
 
 
 @contextmanager
@@ -114,7 +203,19 @@ def parquet_writer(url: str, schema: pa.Schema, **options: Any) -> Iterator[pq.P
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return with_retries("check", url, lambda: fs.exists(path))
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+
+    def rm() -> None:
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    with_retries("delete", url, rm)
 
 
 def remove_tree(url: str) -> None:
@@ -126,10 +227,14 @@ def remove_tree(url: str) -> None:
 def list_files(url_pattern: str) -> list[str]:
     """Expand a glob (or a single path) to sorted full URLs of files."""
     fs, path = filesystem(url_pattern)
-    if fs.isdir(path):
-        return []
-    matches = fs.glob(path) if any(ch in path for ch in "*?[") else ([path] if fs.exists(path) else [])
-    return sorted(fs.unstrip_protocol(m) if _has_protocol(url_pattern) else m for m in matches if fs.isfile(m))
+
+    def expand() -> list[str]:
+        if fs.isdir(path):
+            return []
+        matches = fs.glob(path) if any(ch in path for ch in "*?[") else ([path] if fs.exists(path) else [])
+        return sorted(fs.unstrip_protocol(m) if _has_protocol(url_pattern) else m for m in matches if fs.isfile(m))
+
+    return with_retries("list", url_pattern, expand)
 
 
 def _has_protocol(url: str) -> bool:

@@ -7,12 +7,14 @@ whose completion marker already exists.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import faiss
+import fsspec
 import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -20,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from semdedup_core import dedup, partitions, results, tuning
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.run import RunPlan, plan_run, write_run_json
+from semdedup_core.run import RunPlan, plan_run, start_run
 from semdedup_core.sources import InputError
 
 _slots: threading.Semaphore | None = None
@@ -59,15 +61,31 @@ _common = dict(cache_policy=NO_CACHE, persist_result=False)
 _retrying = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_input, **_common)
 
 
+def configure_storage(config: RunConfig) -> None:
+    """Load S3 options from the named Prefect Secret block into fsspec's defaults (never logged)."""
+    if config.storage_block is None:
+        return
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(config.storage_block).get()
+    options = json.loads(value) if isinstance(value, str) else dict(value)
+    fsspec.config.conf.setdefault("s3", {}).update(options)
+
+
 @task(name="plan-run", **_common)
 def plan_run_task(config: RunConfig) -> RunPlan:
-    """Validate inputs and configuration before any work; record run.json."""
+    """Validate inputs and configuration before any work (nothing is written)."""
     plan = plan_run(config)
-    write_run_json(plan)
     get_run_logger().info(
         "%d items in %d shards, dim %d, k=%d, %d buckets, device %s", plan.n_input, len(plan.shards), plan.dim, plan.clusters, plan.buckets, plan.device
     )
     return plan
+
+
+@task(name="start-run", **_retrying)
+def start_run_task(plan: RunPlan) -> None:
+    """Under the lease: clear for a fresh start or drop a killed run's temp files; write run.json."""
+    start_run(plan)
 
 
 @task(name="fit-centroids", **_retrying)
