@@ -9,7 +9,8 @@ output folder (removed first, so nothing is resumed):
                 result/summary.json's stage_seconds (finalize from run.json).
 (b) ``direct``  the same stages called directly through semdedup_core, no Prefect: plan_run,
                 partitions.fit_centroids, partitions.assign_shard per shard,
-                partitions.collect_partitions, dedup.score_bucket per bucket, results.finalize.
+                partitions.collect_partitions, dedup.score_bucket per bucket, results.finalize,
+                as semdedup_core.pipeline.run_pipeline runs them.
 
 Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall, the peak
 RSS of each run's process (VmHWM; for the flow also Prefect's ephemeral API server subprocess),
@@ -163,51 +164,27 @@ def child_flow(args, output: Path) -> None:
 
 
 def child_direct(args, output: Path) -> None:
+    """The same stages without Prefect: semdedup_core.pipeline.run_pipeline."""
     t_import = time.perf_counter()
     import faiss
     import torch
 
-    from semdedup_core import dedup, partitions, results
-    from semdedup_core.run import plan_run, record_stage, write_run_json
+    from semdedup_core.pipeline import run_pipeline
 
     import_seconds = time.perf_counter() - t_import
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # what the flow's configure_compute does for workers=1
     faiss.omp_set_num_threads(threads)
     shutil.rmtree(output, ignore_errors=True)
-    cfg = _config(args, output)
-    stages: dict[str, float] = {}
-
-    def stage(name, fn, plan=None):
-        t = time.perf_counter()
-        out = fn()
-        stages[name] = round(time.perf_counter() - t, 3)
-        if plan is not None:
-            record_stage(plan, name, stages[name])  # run.json bookkeeping, as the flow does
-        return out
-
     start = time.perf_counter()
-
-    def plan_stage():
-        p = plan_run(cfg)
-        write_run_json(p)
-        return p
-
-    plan = stage("plan", plan_stage)
-    record_stage(plan, "plan", stages["plan"])
-    stage("fit", lambda: partitions.fit_centroids(plan), plan)
-    stage("assign", lambda: [partitions.assign_shard(plan, s.index) for s in plan.shards], plan)
-    index = stage("collect", lambda: partitions.collect_partitions(plan), plan)
-    eps = cfg.effective_eps
-    stage("dedup", lambda: [dedup.score_bucket(plan, b, entries, eps) for b, entries in enumerate(index["buckets"])], plan)
-    summary = stage("finalize", lambda: results.finalize(plan, eps, None, dict(stages)), plan)
+    summary = run_pipeline(_config(args, output))
     wall = time.perf_counter() - start
     _emit(
         {
             "run": "direct",
             "wall": wall,
             "import_seconds": import_seconds,
-            "stage_seconds": stages,
+            "stage_seconds": summary["stage_seconds"] | {"finalize": json.loads((output / "run.json").read_text())["stages"]["finalize"]["seconds"]},
             "n_kept": summary["n_kept"],
             "n_removed": summary["n_removed"],
             "n_failed": summary["n_failed"],

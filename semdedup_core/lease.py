@@ -3,7 +3,8 @@
 ``{output}/lease.json`` is created exclusively (O_EXCL on local disks, ``If-None-Match: *``
 on S3), so of two runs starting together exactly one gets it. The holder renews it in a
 background thread; a run that dies stops renewing, and once the lease has expired the
-next run takes it over. A run that finds a live lease held by another is refused.
+next run takes it over (at once when the holder was a process on this host that no
+longer exists). A run that finds a live lease held by another is refused.
 """
 
 from __future__ import annotations
@@ -29,13 +30,27 @@ def describe_holder(record: dict) -> str:
     return f"run {record.get('owner', '?')} on {record.get('host', '?')} pid {record.get('pid', '?')}, lease valid for {max(0.0, left):.0f} more seconds"
 
 
+def is_live(record: dict) -> bool:
+    """Unexpired, and not held by a process of this host that has died (e.g. kill -9)."""
+    if record.get("expires", 0) <= time.time():
+        return False
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        try:
+            os.kill(record["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by someone else
+    return True
+
+
 def check_free(url: str) -> None:
     """Raise LeaseError if a live lease is held at ``url`` (a read-only check)."""
     try:
         record = read_json(url)
     except FileNotFoundError:
         return
-    if record.get("expires", 0) > time.time():
+    if is_live(record):
         raise LeaseError(f"{url} is held by another {describe_holder(record)}; wait for it, or for the lease to expire if that run died")
 
 
@@ -61,9 +76,9 @@ class Lease:
                 current = read_json(self.url)
             except FileNotFoundError:
                 continue  # released between our create and read: try again
-            if current.get("expires", 0) > time.time():
+            if is_live(current):
                 raise LeaseError(f"{self.url} is held by another {describe_holder(current)}; wait for it, or for the lease to expire if that run died")
-            # Stale: its run stopped renewing. Re-check just before deleting, so a lease that
+            # Stale: its run stopped renewing or its process is gone. Re-check just before deleting, so a lease that
             # another run renewed or took over in the meantime is left alone.
             if read_json(self.url).get("owner") == current.get("owner"):
                 self.took_over = current
