@@ -18,7 +18,7 @@ from .kernel import resolve_device
 from .layout import RunLayout
 from .lease import check_free
 from .sources import Shard, check_unique_ids, discover_shards
-from .storage import exists, filesystem, read_json, write_json
+from .storage import exists, filesystem, read_json, uses_temp_files, write_json
 
 RUN_FORMAT_VERSION = 1
 MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
@@ -87,7 +87,7 @@ def start_run(plan: RunPlan) -> None:
         for entry in fs.ls(root, detail=False):
             if posixpath.basename(entry.rstrip("/")) != posixpath.basename(layout.lease):
                 fs.rm(entry, recursive=True)
-    elif fs.exists(root):
+    elif uses_temp_files(fs) and fs.exists(root):
         for leftover in fs.glob(posixpath.join(root, "**", "*.tmp-*")):
             fs.rm(leftover)
     write_run_json(plan)

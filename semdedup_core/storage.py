@@ -75,7 +75,8 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
-def _is_rename_atomic(fs: fsspec.AbstractFileSystem) -> bool:
+def uses_temp_files(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether atomic writes go through a temporary name and a rename (local disks)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return any(p in _RENAME_ATOMIC_PROTOCOLS for p in protocols)
 
@@ -87,7 +88,7 @@ def atomic_open(url: str) -> Iterator[BinaryIO]:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if not _is_rename_atomic(fs):
+    if not uses_temp_files(fs):
         with fs.open(path, "wb") as fh:
             yield fh
         return
