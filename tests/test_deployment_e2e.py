@@ -1,0 +1,92 @@
+"""End to end against a real `prefect server`: the README's deployment recipe, a worker, a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from semdedup_core.demo import make_demo_embeddings
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("prefect server did not become healthy")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.e2e
+def test_deployment_run_from_prefect_yaml_on_a_real_server(tmp_path):
+    data = make_demo_embeddings(tmp_path / "data", n_base=2000, n_planted=300)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    prefect = str(BIN / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--port", str(port)], env=env, cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        _wait_healthy(api, server)
+        run = lambda *args: subprocess.run([prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)  # noqa: E731
+        assert run("work-pool", "create", "semdedup", "--type", "process").returncode == 0
+        deployed = run("--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+        # The UI form: the flow's one parameter is the typed RunConfig model.
+        with urllib.request.urlopen(urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"content-type": "application/json"})) as r:
+            deployments = {d["name"]: d for d in json.load(r)}
+        assert set(deployments) == {"semdedup", "semdedup-nightly"}
+        schema = deployments["semdedup"]["parameter_openapi_schema"]
+        fields = schema["definitions"]["RunConfig"]["properties"]
+        assert {"input", "output", "eps", "target_keep", "keep", "clusters"} <= set(fields)
+        assert fields["keep"]["enum"] == ["hard", "easy", "random", "metadata"]
+
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "semdedup"], env=env, cwd=REPO, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        output = tmp_path / "run"
+        config = {"input": [str(tmp_path / "data" / "embeddings-*.parquet")], "output": str(output), "eps": 0.05}
+        started = run("deployment", "run", "semdedup/semdedup", "--param", f"config={json.dumps(config)}", "--watch")
+        assert started.returncode == 0, started.stdout + started.stderr
+        summary = json.loads((output / "result" / "summary.json").read_text())
+        assert summary["n_input"] == data.n_items
+        assert summary["n_kept"] + summary["n_removed"] + summary["n_failed"] == data.n_items
+        assert summary["n_failed"] == data.n_broken and summary["n_removed"] > 0.9 * data.n_planted
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)
