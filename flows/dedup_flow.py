@@ -15,12 +15,12 @@ from tasks.stages import (
     assign_shard_task,
     collect_partitions_task,
     configure_compute,
-    configure_storage,
     finalize_task,
     fit_centroids_task,
     plan_run_task,
     score_bucket_task,
     start_run_task,
+    storage_credentials,
     tune_eps_task,
 )
 
@@ -29,14 +29,14 @@ from tasks.stages import (
 def semdedup_flow(config: RunConfig) -> dict:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
     configure_compute(config.workers)
-    configure_storage(config)
     clock = StageClock()
-    with clock.stage("plan"):
-        plan = plan_run_task(config)  # every misconfiguration fails here, before any work
-    with Lease(plan.layout.lease):  # a second run on the same output is refused here
-        start_run_task(plan)
-        record_stage(plan, "plan", clock.seconds["plan"])
-        return _stages(config, plan, clock)
+    with storage_credentials(config):
+        with clock.stage("plan"):
+            plan = plan_run_task(config)  # every misconfiguration fails here, before any work
+        with Lease(plan.layout.lease):  # a second run on the same output is refused here
+            start_run_task(plan)
+            record_stage(plan, "plan", clock.seconds["plan"])
+            return _stages(config, plan, clock)
 
 
 def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 class RunConfig(BaseModel):
     """Everything a run needs. Validated before any work; stored in ``run.json``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused value (e.g. a URL with credentials) is never echoed.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: list[str] = Field(
         min_length=1,

@@ -44,13 +44,22 @@ def is_live(record: dict) -> bool:
     return True
 
 
-def check_free(url: str) -> None:
-    """Raise LeaseError if a live lease is held at ``url`` (a read-only check)."""
+def read_lease(url: str) -> dict | None:
+    """The lease record, None if there is none; an unreadable record counts as expired
+    (leases are created whole, so it can only be corrupt, never half written)."""
     try:
         record = read_json(url)
     except FileNotFoundError:
-        return
-    if is_live(record):
+        return None
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def check_free(url: str) -> None:
+    """Raise LeaseError if a live lease is held at ``url`` (a read-only check)."""
+    record = read_lease(url)
+    if record is not None and is_live(record):
         raise LeaseError(f"{url} is held by another {describe_holder(record)}; wait for it, or for the lease to expire if that run died")
 
 
@@ -72,15 +81,16 @@ class Lease:
         for _ in range(3):
             if create_exclusive(self.url, json.dumps(self._record()).encode()):
                 break
-            try:
-                current = read_json(self.url)
-            except FileNotFoundError:
+            current = read_lease(self.url)
+            if current is None:
                 continue  # released between our create and read: try again
+            if current.get("owner") == self.owner:
+                break  # our create went through but its answer was lost, and a retry saw it
             if is_live(current):
                 raise LeaseError(f"{self.url} is held by another {describe_holder(current)}; wait for it, or for the lease to expire if that run died")
             # Stale: its run stopped renewing or its process is gone. Re-check just before deleting, so a lease that
             # another run renewed or took over in the meantime is left alone.
-            if read_json(self.url).get("owner") == current.get("owner"):
+            if (read_lease(self.url) or {}).get("owner") == current.get("owner"):
                 self.took_over = current
                 remove(self.url)
         else:
@@ -92,7 +102,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                if read_json(self.url).get("owner") != self.owner:
+                if (read_lease(self.url) or {}).get("owner") != self.owner:
                     return  # lost it (we were stalled past the expiry); never overwrite another run's lease
                 write_json(self.url, self._record())
             except Exception:  # noqa: BLE001 - a missed renewal is retried at the next tick
@@ -102,11 +112,8 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
-            if read_json(self.url).get("owner") == self.owner:
-                remove(self.url)
-        except FileNotFoundError:
-            pass
+        if (read_lease(self.url) or {}).get("owner") == self.owner:
+            remove(self.url)
 
     def __enter__(self) -> Lease:
         return self.acquire()

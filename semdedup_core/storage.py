@@ -34,11 +34,13 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 _RENAME_ATOMIC_PROTOCOLS = {"file", "local"}
-STORAGE_ATTEMPTS = int(os.environ.get("SEMDEDUP_STORAGE_ATTEMPTS", "6"))
+STORAGE_ATTEMPTS = int(os.environ.get("SEMDEDUP_STORAGE_ATTEMPTS", "4"))
 _BACKOFF_SECONDS = 0.2
 _BACKOFF_CAP_SECONDS = 10.0
-# Errors that another attempt cannot fix.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError, TypeError, KeyError)
+# Answers callers act on (absent, already there) and data errors (a corrupt file): no retry.
+_PASS_THROUGH = (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError)
+# Errors another attempt cannot fix: no retry, reported naming the object.
+_PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
 _T = TypeVar("_T")
 
 
@@ -49,8 +51,13 @@ class StorageError(OSError):
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a URL or local path."""
     options: dict[str, Any] = {}
-    if url.startswith(("s3://", "s3a://")) and "config_kwargs" not in fsspec.config.conf.get("s3", {}):
-        options["config_kwargs"] = {"retries": {"max_attempts": 5, "mode": "standard"}}
+    if url.startswith(("s3://", "s3a://")):
+        configured = fsspec.config.conf.get("s3", {})
+        # Three layers retry (botocore per request, s3fs per call on connection errors,
+        # with_retries per operation): keep botocore's small so a dead object fails in
+        # seconds rather than minutes.
+        if "config_kwargs" not in configured:
+            options["config_kwargs"] = {"retries": {"max_attempts": 3, "mode": "standard"}}
     return url_to_fs(url, **options)
 
 
@@ -60,8 +67,10 @@ def with_retries(action: str, url: str, operation: Callable[[], _T], attempts: i
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except _PERMANENT:
+        except _PASS_THROUGH:
             raise
+        except _PERMANENT as exc:
+            raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
             if attempt == attempts:
                 raise StorageError(f"{url}: {action} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
@@ -112,7 +121,11 @@ def write_bytes(url: str, data: bytes) -> None:
 
 
 def create_exclusive(url: str, data: bytes) -> bool:
-    """Create ``url`` only if it does not exist (O_EXCL locally, If-None-Match on S3)."""
+    """Create ``url`` with ``data`` only if it does not exist; readers never see it half written.
+
+    Local disks: write a temporary file, then hard-link it to the name (fails if the name
+    exists). Object stores: one PUT with ``If-None-Match: *``.
+    """
     fs, path = filesystem(url)
     parent = posixpath.dirname(path)
     if parent:
@@ -120,8 +133,17 @@ def create_exclusive(url: str, data: bytes) -> bool:
 
     def create() -> bool:
         try:
-            with fs.open(path, "xb") as fh:
-                fh.write(data)
+            if uses_temp_files(fs):
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
+            else:
+                with fs.open(path, "xb") as fh:
+                    fh.write(data)
             return True
         except FileExistsError:
             return False
@@ -230,10 +252,16 @@ def list_files(url_pattern: str) -> list[str]:
     fs, path = filesystem(url_pattern)
 
     def expand() -> list[str]:
-        if fs.isdir(path):
-            return []
-        matches = fs.glob(path) if any(ch in path for ch in "*?[") else ([path] if fs.exists(path) else [])
-        return sorted(fs.unstrip_protocol(m) if _has_protocol(url_pattern) else m for m in matches if fs.isfile(m))
+        # Types come from the listing itself: a per-file check would turn a failing object
+        # into "not a file" and drop it silently.
+        if any(ch in path for ch in "*?["):
+            matches = [m for m, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
+        else:
+            try:
+                matches = [path] if fs.info(path).get("type") == "file" else []
+            except FileNotFoundError:
+                matches = []
+        return sorted(fs.unstrip_protocol(m) if _has_protocol(url_pattern) else m for m in matches)
 
     return with_retries("list", url_pattern, expand)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import faiss
@@ -61,15 +62,26 @@ _common = dict(cache_policy=NO_CACHE, persist_result=False)
 _retrying = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_input, **_common)
 
 
-def configure_storage(config: RunConfig) -> None:
-    """Load S3 options from the named Prefect Secret block into fsspec's defaults (never logged)."""
+@contextmanager
+def storage_credentials(config: RunConfig) -> Iterator[None]:
+    """S3 options from the named Prefect Secret block as fsspec's defaults for the run (never
+    logged), restored afterwards so a later run in this process does not inherit them."""
     if config.storage_block is None:
+        yield
         return
     from prefect.blocks.system import Secret
 
     value = Secret.load(config.storage_block).get()
     options = json.loads(value) if isinstance(value, str) else dict(value)
-    fsspec.config.conf.setdefault("s3", {}).update(options)
+    previous = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {**(previous or {}), **options}
+    try:
+        yield
+    finally:
+        if previous is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = previous
 
 
 @task(name="plan-run", **_common)

@@ -156,22 +156,29 @@ def test_lease_is_exclusive(lease_url):
     assert read_lease(lease_url) is None
 
 
-def test_a_lease_being_created_counts_as_held(tmp_path):
-    """On local disk the exclusive create (O_EXCL) and the write of the record are two steps: a
-    second run can find lease.json created but still empty. That run is refused (LeaseError),
-    not crashed by an unreadable lease."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "lease.json").write_bytes(b"")  # created by the winner, its record not written yet
-    url = str(out / "lease.json")
-    with pytest.raises(LeaseError) as refused:
-        Lease(url, ttl=30).acquire()
-    assert url in str(refused.value)
+def test_lease_is_created_whole_and_a_corrupt_one_is_taken_over(tmp_path):
+    """Leases are created whole (temp file + hard link locally, one conditional PUT on S3), so
+    no reader ever sees a half-written one; a lease.json that cannot be parsed is therefore
+    corrupt, counts as expired, and the next run takes it over instead of crashing."""
     from semdedup_core.lease import check_free
 
-    with pytest.raises(LeaseError):
-        check_free(url)
-    assert (out / "lease.json").read_bytes() == b""  # the winner's file is left alone
+    out = tmp_path / "out"
+    out.mkdir()
+    url = str(out / "lease.json")
+    holder = Lease(url, ttl=30).acquire()
+    try:
+        assert json.loads((out / "lease.json").read_bytes())["owner"] == holder.owner
+        assert sorted(p.name for p in out.iterdir()) == ["lease.json"]  # no temp file left
+    finally:
+        holder.release()
+    (out / "lease.json").write_bytes(b"")  # e.g. a disk that lost the data
+    check_free(url)  # not held
+    taker = Lease(url, ttl=30).acquire()
+    try:
+        assert taker.took_over == {}
+        assert json.loads((out / "lease.json").read_bytes())["owner"] == taker.owner
+    finally:
+        taker.release()
 
 
 def _dead_pid() -> int:
