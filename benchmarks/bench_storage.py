@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -106,6 +107,7 @@ def main() -> int:
     data = Path(args.data or Path(tempfile.gettempdir()) / f"semdedup-bench-storage-{args.n}x{args.dim}-{args.shards}-seed{args.seed}")
     generate(args, data)
     work = Path(tempfile.mkdtemp(prefix="semdedup-bench-storage-"))
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
