@@ -12,6 +12,7 @@ from .run import RunPlan, package_versions
 from .storage import parquet_writer, read_json, read_parquet, write_bytes, write_json, write_parquet
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
+REPORT_TOP_PAIRS = 20
 REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32())])
 
 
@@ -19,6 +20,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     """Every input item ends in exactly one of kept / removed / failed; summary.json is written last."""
     layout = plan.layout
     n_kept = n_removed = 0
+    top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
     with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
         for bucket in range(plan.buckets):
             scores = read_parquet(layout.scores(bucket))
@@ -29,6 +31,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
             removed_w.write_table(removed.cast(REMOVED_SCHEMA))
             n_kept += kept.num_rows
             n_removed += removed.num_rows
+            top_removed.append(removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS).cast(REMOVED_SCHEMA))
     failed = pa.concat_tables([read_parquet(layout.partition_failed(s.index)) for s in plan.shards]).cast(FAILED_SCHEMA)
     write_parquet(layout.failed, failed)
     n_failed = failed.num_rows
@@ -53,16 +56,15 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "stage_seconds": timings,
         "versions": package_versions(),
     }
-    write_bytes(layout.report, render_report(plan, summary).encode())
+    top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
+    write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
     write_json(layout.summary, summary)
     return summary
 
 
-def render_report(plan: RunPlan, summary: dict) -> str:
+def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
     """A self-contained page: the numbers, the stages, the most similar removed pairs."""
     layout = plan.layout
-    removed = read_parquet(layout.removed)
-    top = removed.sort_by([("max_sim", "descending")]).slice(0, 20).to_pylist() if removed.num_rows else []
     stats = read_json(layout.clustering_stats)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from .config import RunConfig
 from .storage import filesystem, join, list_files, with_retries
+from .vectors import prepare_vectors
 
 CLIP_ID_CANDIDATES = ("id", "key", "image_path", "url")
 _CLIP_EMB = re.compile(r"img_emb_(\d+)\.npy$")
@@ -322,8 +323,6 @@ def _clip_batches(shard: Shard, batch_rows: int, meta: list[str]) -> Iterator[Ba
 
 def read_rows(shard: Shard, rows: np.ndarray, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Vectors of the given sorted row numbers (for the k-means sample), with a validity mask."""
-    from .vectors import prepare_vectors
-
     out = np.zeros((len(rows), shard.dim), dtype=np.float32)
     valid = np.zeros(len(rows), dtype=bool)
     for batch in iter_batches(shard, batch_rows):
