@@ -241,6 +241,25 @@ def versions() -> dict:
     return out
 
 
+def emit_result(tag: str, result: dict) -> None:
+    """A child process reports its measurements as one tagged JSON line on stdout."""
+    print(tag + json.dumps(result), flush=True)
+
+
+def run_tagged_child(cmd: list[str], role: str, tag: str) -> tuple[dict, float, float | None]:
+    """Run a benchmark child; (its tagged result, wall seconds, other processes' cores meanwhile)."""
+    print(f"  [{role}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    with ForeignLoad() as load:  # the machine is shared: record others' CPU use meanwhile
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    found = [line for line in proc.stdout.splitlines() if line.startswith(tag)]
+    if proc.returncode != 0 or not found:
+        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{role} subprocess failed (exit {proc.returncode})")
+    return json.loads(found[-1][len(tag) :]), wall, load.cores
+
+
 def print_table(header: list[str], rows: list[list]) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

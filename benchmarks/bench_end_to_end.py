@@ -30,14 +30,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ForeignLoad, child_pids, gib, machine_info, maxrss_bytes, print_table, proc_status_bytes, versions, write_json
+from _common import child_pids, emit_result, gib, machine_info, maxrss_bytes, print_table, proc_status_bytes, run_tagged_child, versions, write_json
 
 GOAL_SECONDS = 90.0
 RESULT_TAG = "BENCH_E2E_RESULT "
@@ -51,7 +50,7 @@ def stage_order(name: str) -> tuple[int, str]:
 
 
 def _emit(result: dict) -> None:
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    emit_result(RESULT_TAG, result)
 
 
 def data_params(args) -> dict:
@@ -221,19 +220,9 @@ def _child_cmd(args, role: str, output: Path | None = None) -> list[str]:
 
 
 def run_child(args, role: str, output: Path | None = None) -> dict:
-    cmd = _child_cmd(args, role, output)
-    print(f"  [{role}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    with ForeignLoad() as load:  # other processes' CPU use meanwhile (the machine is shared)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-    found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not found:
-        sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{role} subprocess failed (exit {proc.returncode})")
-    result = json.loads(found[-1][len(RESULT_TAG) :])
+    result, wall, foreign = run_tagged_child(_child_cmd(args, role, output), role, RESULT_TAG)
     result["process_wall"] = wall
-    result["foreign_cores"] = load.cores
+    result["foreign_cores"] = foreign
     return result
 
 

@@ -31,14 +31,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import GiB, gib, machine_info, maxrss_bytes, mib, print_table, proc_status_bytes, reset_peak_rss, write_json
+from _common import GiB, emit_result, gib, machine_info, maxrss_bytes, mib, print_table, proc_status_bytes, reset_peak_rss, run_tagged_child, write_json
 
 GOAL_BYTES = 1.5 * GiB
 EPS = 0.05
@@ -90,7 +89,7 @@ class PhasePeaks:
 
 
 def _emit(result: dict) -> None:
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    emit_result(RESULT_TAG, result)
 
 
 def child_kernel(args) -> None:
@@ -290,15 +289,7 @@ def run_child(role: str, args, workdir: str | None = None) -> dict:
     ]
     if workdir:
         cmd += ["--workdir", workdir]
-    print(f"  [{role}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not found:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{role} subprocess failed (exit {proc.returncode})")
-    result = json.loads(found[-1][len(RESULT_TAG) :])
+    result, wall, _ = run_tagged_child(cmd, role, RESULT_TAG)
     result["subprocess_wall_seconds"] = wall
     return result
 

@@ -331,8 +331,7 @@ def read_rows(shard: Shard, rows: np.ndarray, batch_rows: int = 65536) -> tuple[
             continue
         local = rows[lo:hi] - batch.start
         picked = batch.vectors[local]
-        prepared = prepare_vectors(picked)
-        ok = prepared.valid & ~np.isin(local, list(batch.bad_rows))
+        prepared = prepare_vectors(picked)  # unreadable rows arrive as zeros: invalid here too
         out[lo:hi][prepared.valid] = prepared.vectors
-        valid[lo:hi] = ok
+        valid[lo:hi] = prepared.valid
     return out, valid
