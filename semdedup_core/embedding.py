@@ -1,0 +1,348 @@
+"""The embedding stage for raw inputs: scan[shard] ─▶ resolve exact duplicates ─▶ embed[shard].
+
+- ``scan_shard`` reads every item once without decoding: id, source, a content hash
+  (image bytes, or normalised text), the text itself, where an image's bytes live, and
+  the reason when an item is unusable.
+- ``resolve_exact`` checks ids are unique over the whole input and keeps the first copy
+  (shard order, then row order) of every content hash: later copies are removed with
+  reason ``exact`` and never embedded.
+- ``embed_shard`` embeds the rest (images decoded in DataLoader workers) into
+  ``embeddings/shard-N.parquet`` (id + float32 embedding): a precomputed-embeddings shard
+  that the rest of the pipeline reads like any other.
+
+Each unit writes its completion marker last, so a re-run skips finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from .config import RunConfig
+from .embedders import ImageEmbedder, TextEmbedder, load_embedder, model_spec
+from .partitions import FAILED_SCHEMA
+from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items
+from .run import RunPlan, default_buckets
+from .sources import InputError, Shard
+from .storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
+
+HASH_BYTES = 16
+# Text is embedded in chunks sorted by length, so a batch pads to similar lengths.
+TEXT_SORT_CHUNK = 4096
+EXACT_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
+
+
+def scan_schema(metadata: list[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("row", pa.int64()),
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("error", pa.string()),
+            ("hash", pa.binary(HASH_BYTES)),
+            ("offset", pa.int64()),
+            ("size", pa.int64()),
+            ("text", pa.string()),
+            *[(f"meta_{m}", pa.float64()) for m in metadata],
+        ]
+    )
+
+
+def _meta_names(cfg: RunConfig) -> list[str]:
+    return [spec.partition(":")[0] for spec in cfg.metadata_columns]
+
+
+# ---------------------------------------------------------------- scan
+
+
+def normalise_text(text: str) -> str:
+    """What counts as the same text: Unicode NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def content_hash(item: ScannedItem) -> bytes:
+    data = item.content if item.content is not None else normalise_text(item.text or "").encode()
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
+
+
+def scan_shard(plan: RunPlan, shard_index: int) -> dict:
+    """scan/shard-N.parquet (one row per item, unusable ones with their reason), marker last."""
+    layout, cfg = plan.layout, plan.config
+    done_url = layout.scan_done(shard_index)
+    if exists(done_url):
+        return read_json(done_url)
+    shard = plan.sources[shard_index]
+    meta = _meta_names(cfg)
+    columns: dict[str, list] = {name: [] for name in scan_schema(meta).names}
+    for item in scan_items(shard, cfg.metadata_columns):
+        if item.error is None and shard.modality == "text" and not item.text.strip():
+            item.error = "text is empty" if not item.text else "text is only whitespace"
+        columns["row"].append(item.row)
+        columns["id"].append(item.id)
+        columns["source"].append(item.source)
+        columns["error"].append(item.error)
+        columns["hash"].append(content_hash(item) if item.error is None else None)
+        columns["offset"].append(item.offset)
+        columns["size"].append(item.size)
+        columns["text"].append(item.text if item.error is None else None)
+        for m in meta:
+            columns[f"meta_{m}"].append(item.metadata.get(m, np.nan))
+    table = pa.table(columns, schema=scan_schema(meta))
+    write_parquet(layout.scan(shard_index), table)
+    n_failed = table.num_rows - pc.sum(pc.is_null(table.column("error"))).as_py() if table.num_rows else 0
+    result = {"shard": shard_index, "n_items": table.num_rows, "n_failed": int(n_failed)}
+    write_json(done_url, result)
+    return result
+
+
+# ---------------------------------------------------------------- exact duplicates
+
+
+def resolve_exact(plan: RunPlan) -> dict:
+    """Unique ids across the input; later copies of identical content -> exact/duplicates.parquet."""
+    layout = plan.layout
+    if exists(layout.exact_done):
+        return read_json(layout.exact_done)
+    scans = [read_parquet(layout.scan(s.index), columns=["row", "id", "source", "error", "hash"]) for s in plan.sources]
+    _check_unique_ids(scans)
+    ids = pa.chunked_array([t.column("id") for t in scans], type=pa.string()).combine_chunks()
+    shard_of = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(scans)]) if scans else np.zeros(0, np.int32)
+    rows = np.concatenate([t.column("row").to_numpy() for t in scans]) if scans else np.zeros(0, np.int64)
+    valid = np.concatenate([pc.is_null(t.column("error")).to_numpy(zero_copy_only=False) for t in scans]) if scans else np.zeros(0, bool)
+    duplicates = EXACT_SCHEMA.empty_table()
+    if plan.config.exact_dedup and valid.any():
+        hashes = pa.chunked_array([t.column("hash") for t in scans]).combine_chunks().filter(pa.array(valid))
+        keys = np.frombuffer(hashes.buffers()[1], dtype=[("hi", "<u8"), ("lo", "<u8")], count=len(hashes), offset=hashes.offset * HASH_BYTES)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)  # stable: first copy in input order
+        valid_rows = np.flatnonzero(valid)
+        original = valid_rows[first[inverse.reshape(-1)]]
+        copies = original != valid_rows
+        dup_rows, of_rows = valid_rows[copies], original[copies]
+        duplicates = pa.table(
+            {"id": ids.take(pa.array(dup_rows)), "dup_of": ids.take(pa.array(of_rows)), "shard": shard_of[dup_rows], "row": rows[dup_rows]},
+            schema=EXACT_SCHEMA,
+        )
+    write_parquet(layout.exact_duplicates, duplicates)
+    result = {"n_items": len(ids), "n_failed": int((~valid).sum()), "n_exact": duplicates.num_rows}
+    write_json(layout.exact_done, result)
+    return result
+
+
+def _check_unique_ids(scans: list[pa.Table]) -> None:
+    ids = pa.chunked_array([t.column("id") for t in scans], type=pa.string())
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return
+    dup_id = dup[0]["values"].as_py()
+    where = []
+    for t in scans:
+        mask = pc.equal(t.column("id"), dup_id)
+        where += t.filter(mask).column("source").to_pylist()
+    more = f" ({len(dup) - 1} more duplicated ids)" if len(dup) > 1 else ""
+    raise InputError(f"duplicate id {dup_id!r} in {' and '.join(where[:2])}{more}; ids must be unique across the input")
+
+
+# ---------------------------------------------------------------- embed
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode fully and convert to RGB; modes without a faithful RGB conversion are refused."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode image ({exc})") from None
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        raise ImageError("palette image with transparency is not supported (convert it to RGB or RGBA first)")
+    if mode == "CMYK":
+        raise ImageError("CMYK image is not supported (convert it to RGB first)")
+    if mode.startswith("I") or mode == "F":
+        raise ImageError(f"{'16' if ';16' in mode else '32'}-bit image (mode {mode}) is not supported (convert it to 8-bit RGB first)")
+    if mode in ("L", "1", "P", "RGBA", "LA"):
+        return img.convert("RGB")
+    raise ImageError(f"image mode {mode} is not supported")
+
+
+class DecodedImages(torch.utils.data.IterableDataset):
+    """Batches of (rows, pixels, failures) for the given scanned rows of one shard.
+
+    Each DataLoader worker reads and decodes a contiguous part of the rows, so the model
+    never waits on I/O and no bytes are read twice.
+    """
+
+    def __init__(self, shard: RawShard, scanned: pa.Table, preprocess, batch_size: int):
+        self.shard = shard
+        self.rows = scanned.column("row").to_numpy()
+        self.offsets = scanned.column("offset").to_numpy()
+        self.sizes = scanned.column("size").to_numpy()
+        self.sources = scanned.column("source").to_pylist()
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        lo, hi = len(self.rows) * worker // workers, len(self.rows) * (worker + 1) // workers
+        rows, pixels, failures = [], [], []
+        payloads = read_payloads(self.shard, self.rows[lo:hi], self.offsets[lo:hi], self.sizes[lo:hi], self.sources[lo:hi])
+        for row, data, error in payloads:
+            if error is None:
+                try:
+                    pixels.append(self.preprocess(open_image(data)))
+                    rows.append(row)
+                except ImageError as exc:
+                    failures.append((row, str(exc)))
+            else:
+                failures.append((row, error))
+            if len(rows) == self.batch_size:
+                yield np.array(rows), torch.stack(pixels), failures
+                rows, pixels, failures = [], [], []
+        if rows or failures:
+            yield np.array(rows, dtype=np.int64), torch.stack(pixels) if pixels else None, failures
+
+
+def _embed_images(embedder: ImageEmbedder, shard: RawShard, todo: pa.Table, cfg: RunConfig, device: str):
+    dataset = DecodedImages(shard, todo, embedder.preprocess, cfg.batch_size)
+    workers = min(cfg.decode_workers, max(1, todo.num_rows // cfg.batch_size))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        # torch's default start method (fork on Linux): workers start in milliseconds;
+        # forkserver/spawn would re-import torch and open_clip in every worker (~10 s here).
+        pin_memory=device.startswith("cuda"),
+    )
+    for rows, pixels, failures in loader:
+        vectors = embedder.encode(pixels) if pixels is not None else np.zeros((0, embedder.dim), np.float32)
+        yield rows, vectors, failures
+
+
+def _embed_texts(embedder: TextEmbedder, todo: pa.Table, cfg: RunConfig):
+    rows = todo.column("row").to_numpy()
+    texts = todo.column("text").to_pylist()
+    for lo in range(0, len(texts), TEXT_SORT_CHUNK):
+        chunk_rows, chunk = rows[lo : lo + TEXT_SORT_CHUNK], texts[lo : lo + TEXT_SORT_CHUNK]
+        failures = []
+        if not embedder.truncation:
+            too_long = embedder.too_long(chunk)
+            failures = [(int(r), f"text has {n} tokens, more than max_length {embedder.max_length} (truncation is off)") for r, n in zip(chunk_rows, too_long) if n]
+            keep = [n is None for n in too_long]
+            chunk_rows = chunk_rows[np.array(keep, dtype=bool)]
+            chunk = [t for t, k in zip(chunk, keep) if k]
+        by_length = np.argsort([len(t) for t in chunk], kind="stable")
+        for b in range(0, len(chunk), cfg.batch_size):
+            pick = by_length[b : b + cfg.batch_size]
+            yield chunk_rows[pick], embedder.encode([chunk[i] for i in pick]), failures
+            failures = []
+        if failures:
+            yield np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), failures
+
+
+def embedding_schema(dim: int, metadata: list[str]) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim)), *[(m, pa.float64()) for m in metadata]])
+
+
+def embed_shard(plan: RunPlan, shard_index: int) -> dict:
+    """embeddings/shard-N.parquet (rows in input order) + .failed.parquet, marker last."""
+    layout, cfg = plan.layout, plan.config
+    done_url = layout.embeddings_done(shard_index)
+    if exists(done_url):
+        return read_json(done_url)
+    started = time.perf_counter()
+    shard = plan.sources[shard_index]
+    meta = _meta_names(cfg)
+    scan = read_parquet(layout.scan(shard_index))
+    duplicates = read_parquet(layout.exact_duplicates, columns=["shard", "row"])
+    dup_rows = duplicates.filter(pc.equal(duplicates.column("shard"), shard_index)).column("row")
+    usable = pc.is_null(scan.column("error"))
+    todo = scan.filter(pc.and_(usable, pc.invert(pc.is_in(scan.column("row"), value_set=dup_rows.combine_chunks()))))
+    failures: list[tuple[int, str]] = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    embedder = load_embedder(cfg, shard.modality, plan.device)
+    if todo.num_rows:
+        batches = _embed_images(embedder, shard, todo, cfg, plan.device) if shard.modality == "image" else _embed_texts(embedder, todo, cfg)
+        for rows, vectors, batch_failures in batches:
+            parts.append((rows, vectors))
+            failures += batch_failures
+    rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    vectors = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, embedder.dim), np.float32)
+    order = np.argsort(rows, kind="stable")  # input order, whatever order workers finished in
+    rows, vectors = rows[order], np.ascontiguousarray(vectors[order], dtype=np.float32)
+    position = pc.index_in(pa.array(rows), value_set=todo.column("row").combine_chunks())
+    done_items = todo.take(position)
+    columns = {"id": done_items.column("id"), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), embedder.dim)}
+    columns.update({m: done_items.column(f"meta_{m}") for m in meta})
+    with parquet_writer(layout.embeddings(shard_index), embedding_schema(embedder.dim, meta)) as writer:
+        writer.write_table(pa.table(columns, schema=embedding_schema(embedder.dim, meta)))
+    write_parquet(layout.embeddings_failed(shard_index), _failed_table(scan, todo, failures))
+    result = {
+        "shard": shard_index,
+        "n_items": scan.num_rows,
+        "n_embedded": len(rows),
+        "n_failed": scan.num_rows - todo.num_rows - len(dup_rows) + len(failures),
+        "n_exact": len(dup_rows),
+        "dim": embedder.dim,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(done_url, result)
+    return result
+
+
+def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]]) -> pa.Table:
+    """Scan failures and embedding failures of a shard, in input order."""
+    scan_failed = scan.filter(pc.invert(pc.is_null(scan.column("error"))))
+    failed_rows = np.array([r for r, _ in failures], dtype=np.int64)
+    at = pc.index_in(pa.array(failed_rows), value_set=todo.column("row").combine_chunks())
+    embed_failed = todo.take(at)
+    table = pa.table(
+        {
+            "row": pa.concat_arrays([scan_failed.column("row").combine_chunks(), pa.array(failed_rows)]),
+            "id": pa.concat_arrays([scan_failed.column("id").combine_chunks(), embed_failed.column("id").combine_chunks()]),
+            "source": pa.concat_arrays([scan_failed.column("source").combine_chunks(), embed_failed.column("source").combine_chunks()]),
+            "error": pa.concat_arrays([scan_failed.column("error").combine_chunks(), pa.array([e for _, e in failures], pa.string())]),
+        }
+    )
+    return table.sort_by("row").select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)
+
+
+# ---------------------------------------------------------------- hand over to the dedup stages
+
+
+def check_embedder(cfg: RunConfig, modality: str, device: str) -> None:
+    """Load the model once at plan time: a model that cannot load fails before any work."""
+    model_spec(cfg, modality, device)
+    load_embedder(cfg, modality, device)
+
+
+def plan_embedded(plan: RunPlan) -> RunPlan:
+    """The plan for the dedup stages: the run's own embeddings shards, k and buckets from
+    the number of items embedded."""
+    layout, cfg = plan.layout, plan.config
+    markers = [read_json(layout.embeddings_done(s.index)) for s in plan.sources]
+    n_embedded = sum(m["n_embedded"] for m in markers)
+    dim = markers[0]["dim"]
+    shards = [
+        Shard(index=s.index, kind="parquet", url=layout.embeddings(s.index), n_rows=m["n_embedded"], dim=dim, id_column="id", embedding_column="embedding")
+        for s, m in zip(plan.sources, markers)
+    ]
+    clusters = cfg.clusters_for(n_embedded)
+    buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_embedded, dim, clusters)
+    if buckets > clusters:
+        buckets = clusters
+    return plan.model_copy(update={"shards": shards, "n_input": sum(m["n_items"] for m in markers), "dim": dim, "clusters": clusters, "buckets": buckets})

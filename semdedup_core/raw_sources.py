@@ -1,0 +1,444 @@
+"""Readers for raw datasets (the embedding stage's input): webdataset tars, parquet with a
+text or image-bytes column, jsonl text, and image folders.
+
+Every item gets a stable id and a ``source`` (where it lives, for ``failed.parquet``):
+
+| kind       | id                                             | source                  |
+| ---------- | ---------------------------------------------- | ----------------------- |
+| webdataset | the sample key (img2dataset: ``000010005``)    | ``TAR member NAME``     |
+| parquet    | ``id_column`` (default ``id``), else URL:row   | ``FILE row N``          |
+| jsonl      | ``id_column`` field (default ``id``), else URL:line | ``FILE line N``    |
+| images     | the path relative to the input folder          | the file URL            |
+
+:func:`scan_items` reads each item once (no decoding) and yields what the exact-duplicate
+pass and the embedder need: content bytes to hash, text, and for images where the bytes
+live, so the embedder reads exactly those bytes back (:func:`read_payloads`).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel
+
+from .config import RunConfig
+from .sources import InputError, _open_parquet
+from .storage import expand_input, filesystem, with_retries
+
+RAW_FORMATS = ("webdataset", "parquet", "jsonl", "images")
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz")
+# Image folders are cut into shards of this many files, one embedding task each.
+IMAGES_PER_SHARD = 10_000
+SCAN_BATCH_ROWS = 8192
+
+
+class RawShard(BaseModel):
+    """One raw input unit, small enough to pass between tasks."""
+
+    index: int
+    kind: Literal["webdataset", "parquet", "jsonl", "images"]
+    url: str  # the file; for image folders the folder ids are relative to
+    modality: Literal["image", "text"]
+    id_column: str | None = None  # parquet/jsonl; None: ids are "<url>:<row>"
+    content_column: str | None = None  # parquet/jsonl column or webdataset extension holding the text
+    files: list[str] = []  # image folders: this shard's file URLs
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    @property
+    def basename(self) -> str:
+        return posixpath.basename(self.url.rstrip("/"))
+
+
+@dataclass
+class ScannedItem:
+    """One item as read by :func:`scan_items` (nothing decoded)."""
+
+    row: int  # position in the shard (webdataset: sample number; jsonl: line number)
+    id: str
+    source: str
+    error: str | None = None
+    content: bytes | None = None  # image bytes to hash (not kept after hashing)
+    text: str | None = None
+    offset: int = -1  # webdataset: where the image bytes start in the tar
+    size: int = -1
+    metadata: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def _suffix_kind(url: str) -> str | None:
+    name = url.lower()
+    if name.endswith(".tar"):
+        return "webdataset"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+        return "images"
+    return None
+
+
+def detect_format(cfg: RunConfig) -> str:
+    """The format of the inputs: cfg.format, or for 'auto' recognised from the files."""
+    if cfg.format != "auto":
+        return cfg.format
+    from .sources import _is_clip_folder
+
+    kinds: dict[str, str] = {}
+    for entry in cfg.input:
+        if _is_clip_folder(entry):
+            kinds[entry] = "clip-retrieval"
+            continue
+        files, _ = expand_input(entry)
+        if not files:
+            raise InputError(f"{entry}: no input files match")
+        kind = next((k for k in map(_suffix_kind, files) if k), None)
+        if kind is None:
+            raise InputError(f"{entry}: cannot tell the format from the file names (e.g. {files[0]}); pass --format")
+        if kind == "parquet":
+            names = _open_parquet(files[0]).schema_arrow.names
+            kind = "embeddings" if cfg.embedding_column in names else "parquet"
+        kinds[entry] = kind
+    if len(set(kinds.values())) > 1:
+        described = ", ".join(f"{e} ({k})" for e, k in kinds.items())
+        raise InputError(f"the inputs mix formats: {described}; run them separately or pass --format")
+    return next(iter(kinds.values()))
+
+
+def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
+    """The raw input shards, with the columns each needs checked before any work."""
+    shards: list[RawShard] = []
+    for entry in cfg.input:
+        files, root = expand_input(entry)
+        if fmt == "images":
+            files = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+            if not files:
+                raise InputError(f"{entry}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            base = root if root is not None else posixpath.dirname(files[0])
+            for start in range(0, len(files), IMAGES_PER_SHARD):
+                part = files[start : start + IMAGES_PER_SHARD]
+                shards.append(RawShard(index=len(shards), kind="images", url=base, modality="image", files=part))
+            continue
+        wanted = {"webdataset": (".tar",), "jsonl": JSONL_SUFFIXES, "parquet": (".parquet",)}[fmt]
+        if root is not None:  # a folder: only the files of the format
+            files = [f for f in files if f.lower().endswith(wanted)]
+        if not files:
+            raise InputError(f"{entry}: no input files match")
+        for url in files:
+            shards.append(_raw_shard(url, len(shards), fmt, cfg))
+    seen: set[str] = set()
+    for s in shards:
+        key = s.url if s.kind != "images" else s.url + str(s.files[:1])
+        if key in seen:
+            raise InputError(f"{s.url}: listed twice in the inputs")
+        seen.add(key)
+    if cfg.write_dataset or cfg.write_removed:
+        names: dict[str, str] = {}
+        for s in shards:
+            if s.kind != "images" and names.setdefault(s.basename, s.url) != s.url:
+                raise InputError(f"{s.url} and {names[s.basename]} share the file name {s.basename!r}; writing the dataset back needs distinct names")
+    return shards
+
+
+def _modality(cfg: RunConfig, default: str) -> str:
+    return default if cfg.modality == "auto" else cfg.modality
+
+
+def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
+    if fmt == "webdataset":
+        modality = _modality(cfg, "image")
+        return RawShard(index=index, kind="webdataset", url=url, modality=modality, content_column=cfg.text_column if modality == "text" else None)
+    if fmt == "jsonl":
+        if _modality(cfg, "text") != "text":
+            raise InputError(f"{url}: jsonl inputs hold text; modality 'image' is not supported for them")
+        return RawShard(index=index, kind="jsonl", url=url, modality="text", id_column=cfg.id_column or "id", content_column=cfg.text_column)
+    # parquet: images when the image column is there (or asked for), else text
+    names = _open_parquet(url).schema_arrow.names
+    modality = cfg.modality if cfg.modality != "auto" else ("image" if cfg.image_column in names else "text")
+    column = cfg.image_column if modality == "image" else cfg.text_column
+    if column not in names:
+        what = "image bytes" if modality == "image" else "text"
+        raise InputError(f"{url}: no {what} column {column!r}; has {', '.join(names)} (name it with --{'image' if modality == 'image' else 'text'}-column)")
+    if cfg.id_column is not None and cfg.id_column not in names:
+        raise InputError(f"{url}: missing id column {cfg.id_column!r}; has {', '.join(names)}")
+    missing = [m for m in _metadata_names(cfg) if m not in names]
+    if missing:
+        raise InputError(f"{url}: missing metadata column(s) {', '.join(missing)}; has {', '.join(names)}")
+    id_column = cfg.id_column or ("id" if "id" in names else None)
+    return RawShard(index=index, kind="parquet", url=url, modality=modality, id_column=id_column, content_column=column)
+
+
+def _metadata_names(cfg: RunConfig) -> list[str]:
+    return [spec.partition(":")[0] for spec in cfg.metadata_columns]
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def scan_items(shard: RawShard, metadata_columns: list[str]) -> Iterator[ScannedItem]:
+    """Every item of a shard, in order, read but not decoded. Unreadable items carry an error."""
+    meta = [spec.partition(":")[0] for spec in metadata_columns]
+    if shard.kind == "webdataset":
+        yield from _scan_tar(shard, meta)
+    elif shard.kind == "parquet":
+        yield from _scan_parquet(shard, meta)
+    elif shard.kind == "jsonl":
+        yield from _scan_jsonl(shard, meta)
+    else:
+        yield from _scan_images(shard)
+
+
+def split_key(member_name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _tar_sample(shard: RawShard, row: int, key: str, members: dict[str, tuple[tarfile.TarInfo, bytes]], meta: list[str]) -> ScannedItem:
+    item = ScannedItem(row=row, id=key, source=f"{shard.url} member {key}")
+    names = ", ".join(sorted(members))
+    if shard.modality == "image":
+        ext = next((e for e in members if e in IMAGE_EXTENSIONS), None)
+        if ext is None:
+            item.error = f"sample has no image (files: {names})"
+            return item
+        info, data = members[ext]
+        item.source = f"{shard.url} member {info.name}"
+        item.offset, item.size, item.content = info.offset_data, info.size, data
+        if not data:
+            item.error = f"{info.name} is empty (0 bytes)"
+    else:
+        ext = shard.content_column or "txt"
+        if ext not in members:
+            item.error = f"sample has no .{ext} text (files: {names})"
+            return item
+        info, data = members[ext]
+        item.source = f"{shard.url} member {info.name}"
+        try:
+            item.text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            item.error = f"{info.name} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if meta and item.error is None:
+        _sample_metadata(item, members, meta)
+    return item
+
+
+def _sample_metadata(item: ScannedItem, members: dict[str, tuple[tarfile.TarInfo, bytes]], meta: list[str]) -> None:
+    if "json" not in members:
+        item.error = f"sample has no .json with metadata field(s) {', '.join(meta)}"
+        return
+    try:
+        record = json.loads(members["json"][1])
+    except ValueError as exc:
+        item.error = f"{members['json'][0].name} is not valid JSON ({exc})"
+        return
+    _take_metadata(item, record, meta)
+
+
+def _take_metadata(item: ScannedItem, record: dict, meta: list[str]) -> None:
+    for name in meta:
+        value = record.get(name) if isinstance(record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            item.error = f"metadata field {name!r} is {'missing' if value is None else f'not a number ({value!r})'}"
+            return
+        item.metadata[name] = float(value)
+
+
+def unreadable_shard(shard: RawShard, reason: str) -> ScannedItem:
+    """A shard none of whose items can be known: one failed row standing for the whole shard."""
+    return ScannedItem(row=-1, id=shard.url, source=shard.url, error=f"unreadable shard: {reason}")
+
+
+def _scan_tar(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
+    fs, path = filesystem(shard.url)
+    try:
+        fh = with_retries("open", shard.url, lambda: fs.open(path, "rb"))
+    except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable
+        yield unreadable_shard(shard, f"{type(exc).__name__}: {exc}")
+        return
+    row = 0
+    key: str | None = None
+    members: dict[str, tuple[tarfile.TarInfo, bytes]] = {}
+    current: tarfile.TarInfo | None = None
+    with fh:
+        try:
+            # Stream mode: one sequential pass, also over object storage.
+            archive = tarfile.open(fileobj=fh, mode="r|")
+            for info in archive:
+                current = info
+                if not info.isfile():
+                    continue
+                k, ext = split_key(info.name)
+                if k != key:
+                    if key is not None:
+                        yield _tar_sample(shard, row, key, members, meta)
+                        row += 1
+                    key, members = k, {}
+                members[ext] = (info, archive.extractfile(info).read())
+                current = None
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            where = f"in member {current.name}" if current is not None else f"after {row + (key is not None)} samples"
+            if row == 0 and key is None and current is None:
+                yield unreadable_shard(shard, f"not a tar ({type(exc).__name__}: {exc})")
+                return
+            # A tar cut off mid-member: the samples before are fine, the one being read is
+            # failed, and nothing after it can be known.
+            if key is not None:
+                yield ScannedItem(row=row, id=key, source=f"{shard.url} member {key}", error=f"tar is cut off {where} ({exc})")
+            return
+    if key is not None:
+        yield _tar_sample(shard, row, key, members, meta)
+
+
+def parquet_ids(shard_url: str, id_column: str | None, batch: pa.RecordBatch, start: int) -> list[str]:
+    """Ids of a parquet batch: the id column as strings, or "<url>:<row>"."""
+    if id_column is None:
+        return [f"{shard_url}:{r}" for r in range(start, start + batch.num_rows)]
+    column = batch.column(batch.schema.get_field_index(id_column))
+    if column.null_count:
+        row = start + next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+        raise InputError(f"{shard_url}: row {row} has a null id in column {id_column!r}")
+    return [str(v) for v in column.to_pylist()]
+
+
+def _image_bytes(value) -> bytes | None:
+    """Bytes of an image cell: binary, or a struct with 'bytes' (Hugging Face datasets' Image)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value
+
+
+def _scan_parquet(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
+    pf = _open_parquet(shard.url)
+    columns = list(dict.fromkeys(c for c in (shard.id_column, shard.content_column, *meta) if c))
+    start = 0
+    for batch in pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns):
+        ids = parquet_ids(shard.url, shard.id_column, batch, start)
+        content = batch.column(batch.schema.get_field_index(shard.content_column)).to_pylist()
+        meta_values = {m: batch.column(batch.schema.get_field_index(m)).to_pylist() for m in meta}
+        for i, value in enumerate(content):
+            item = ScannedItem(row=start + i, id=ids[i], source=f"{shard.url} row {start + i}")
+            if shard.modality == "image":
+                data = _image_bytes(value)
+                if data is None:
+                    item.error = f"{shard.content_column} is null"
+                elif not data:
+                    item.error = f"{shard.content_column} is empty (0 bytes)"
+                else:
+                    item.content = data
+            elif value is None:
+                item.error = f"{shard.content_column} is null"
+            elif not isinstance(value, str):
+                item.error = f"{shard.content_column} is not text ({type(value).__name__})"
+            else:
+                item.text = value
+            if meta and item.error is None:
+                _take_metadata(item, {m: meta_values[m][i] for m in meta}, meta)
+            yield item
+        start += batch.num_rows
+
+
+def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
+    fs, path = filesystem(shard.url)
+    try:
+        fh = with_retries("open", shard.url, lambda: fs.open(path, "rb", compression="infer"))
+    except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable
+        yield unreadable_shard(shard, f"{type(exc).__name__}: {exc}")
+        return
+    explicit_id = shard.id_column != "id"
+    with fh:
+        for line_no, raw in enumerate(fh):
+            if not raw.strip():
+                continue  # blank lines are not items
+            synthetic = f"{shard.url}:{line_no}"
+            item = ScannedItem(row=line_no, id=synthetic, source=f"{shard.url} line {line_no + 1}")
+            try:
+                record = json.loads(raw)
+            except ValueError as exc:
+                item.error = f"line is not valid JSON ({exc})"
+                yield item
+                continue
+            if not isinstance(record, dict):
+                item.error = f"line is a JSON {type(record).__name__}, expected an object"
+                yield item
+                continue
+            if record.get(shard.id_column) is not None:
+                item.id = str(record[shard.id_column])
+            elif explicit_id:
+                item.error = f"id field {shard.id_column!r} is missing"
+            text = record.get(shard.content_column)
+            if item.error is None:
+                if text is None:
+                    item.error = f"text field {shard.content_column!r} is missing"
+                elif not isinstance(text, str):
+                    item.error = f"text field {shard.content_column!r} is not a string ({type(text).__name__})"
+                else:
+                    item.text = text
+            if meta and item.error is None:
+                _take_metadata(item, record, meta)
+            yield item
+
+
+def _scan_images(shard: RawShard) -> Iterator[ScannedItem]:
+    for row, url in enumerate(shard.files):
+        item = ScannedItem(row=row, id=relative_id(shard.url, url), source=url)
+        fs, path = filesystem(url)
+        try:
+            item.content = with_retries("read", url, lambda: fs.cat_file(path))
+        except Exception as exc:  # noqa: BLE001 - one unreadable file fails one item
+            item.error = f"unreadable file ({type(exc).__name__}: {exc})"
+        if item.content is not None and not item.content:
+            item.error = "file is empty (0 bytes)"
+        yield item
+
+
+def relative_id(root: str, url: str) -> str:
+    return url[len(root) :].lstrip("/") if url.startswith(root) else url
+
+
+# ---------------------------------------------------------------- reading image bytes back
+
+
+def read_payloads(shard: RawShard, rows: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, sources: list[str]) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(row, image bytes, error) for the given scanned rows, reading only their bytes."""
+    if shard.kind == "webdataset":
+        fs, path = filesystem(shard.url)
+        with fs.open(path, "rb") as fh:
+            for row, offset, size in zip(rows, offsets, sizes):
+                fh.seek(int(offset))
+                data = fh.read(int(size))
+                yield int(row), data, None if len(data) == size else f"short read ({len(data)} of {size} bytes)"
+    elif shard.kind == "images":
+        for row, url in zip(rows, sources):
+            fs, path = filesystem(url)
+            try:
+                yield int(row), with_retries("read", url, lambda: fs.cat_file(path)), None
+            except Exception as exc:  # noqa: BLE001
+                yield int(row), None, f"unreadable file ({type(exc).__name__}: {exc})"
+    else:
+        yield from _parquet_payloads(shard, rows)
+
+
+def _parquet_payloads(shard: RawShard, rows: np.ndarray) -> Iterator[tuple[int, bytes | None, str | None]]:
+    pf = _open_parquet(shard.url)
+    bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    groups = np.searchsorted(bounds, rows, side="right") - 1
+    for g in np.unique(groups):
+        column = pf.read_row_group(int(g), columns=[shard.content_column]).column(0)
+        for row in rows[groups == g]:
+            yield int(row), _image_bytes(column[int(row - bounds[g])].as_py()), None
+
