@@ -91,11 +91,21 @@ class ImageEmbedder:
 def _check_open_clip_name(spec: ModelSpec) -> None:
     import open_clip
 
-    if not spec.name.startswith(("hf-hub:", "local-dir:")) and spec.name not in open_clip.list_models():
+    if spec.name.startswith("local-dir:"):
+        folder = spec.name.removeprefix("local-dir:")
+        weights = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+        if not weights:
+            raise ConfigError(f"{spec.name}: expected a folder with open_clip_config.json and a weights file (.safetensors/.bin/.pt)")
+        return
+    if spec.name.startswith("hf-hub:"):
+        return
+    if spec.name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model {spec.name!r} (see open_clip.list_models(), e.g. ViT-B-16, ViT-L-14)")
     tag = spec.pretrained
-    if tag is None or spec.name.startswith(("hf-hub:", "local-dir:")):
-        return
+    if tag is None:
+        # open_clip would silently build random weights: never what a user wants to embed with.
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        raise ConfigError(f"open_clip model {spec.name} needs --pretrained: a tag ({', '.join(tags) or 'none known'}) or a checkpoint file")
     if tag.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in tag or "://" in tag:
         if "://" not in tag and not os.path.isfile(tag):
             raise ConfigError(f"checkpoint {tag} does not exist")
@@ -154,9 +164,12 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 def default_pooling(config: Any) -> str:
-    """last_token for causal language models (the paper's OPT recipe), mean otherwise."""
-    architectures = getattr(config, "architectures", None) or []
-    if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in architectures):
+    """last_token for decoder-only language models (the paper's OPT recipe), mean otherwise
+    (sentence encoders). Decoder-only: has a causal-LM head class but no masked-LM one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "last_token"
     return "mean"
 

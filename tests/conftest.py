@@ -206,3 +206,81 @@ class RunResults:
         s = self.summary
         assert (s["n_kept"], s["n_removed"], s["n_failed"]) == (len(kept), len(removed), len(failed))
         assert s["n_kept"] + s["n_removed"] + s["n_failed"] == s["n_input"] == len(all_ids)
+
+
+# ---------------------------------------------------------------- tiny models, saved and loaded back through the real loaders
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny open_clip model (random weights, seeded) saved as an open_clip ``local-dir:``
+    folder (open_clip_config.json + open_clip_model.safetensors); returns the model name."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"
+
+
+def _save_tiny_text_model(folder: Path, config) -> Path:
+    import torch
+    from transformers import AutoModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"w{i}" for i in range(60)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BertModel + tokenizer saved with save_pretrained (mean pooling by default)."""
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return _save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    """A tiny OPT decoder saved with save_pretrained (last-token pooling by default, as the paper's OPT recipe)."""
+    from transformers import OPTConfig
+
+    config = OPTConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+        word_embed_proj_dim=32, pad_token_id=0, architectures=["OPTForCausalLM"],
+    )
+    return _save_tiny_text_model(tmp_path_factory.mktemp("tiny-opt"), config)
+
+
+def png_bytes(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """A webdataset tar in img2dataset's layout, written with webdataset's own TarWriter
+    (each sample: __key__ plus extension -> bytes/str)."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return path
