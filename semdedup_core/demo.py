@@ -59,3 +59,62 @@ def make_demo_embeddings(
     truth = folder / "planted.parquet"
     pq.write_table(pa.table({"id": ids[n_base:], "duplicate_of": ids[sources]}), truth)
     return DemoDataset(paths, truth, len(vectors), n_planted, len(broken))
+
+
+# ---------------------------------------------------------------- the README demo: a small text corpus
+
+DEMO_CORPUS = Path(__file__).parent / "demo_data"
+# Cosine above 1 - DEMO_EPS counts as a duplicate under all-MiniLM-L6-v2 (measured on this corpus).
+DEMO_EPS = 0.08
+
+
+def copy_demo_corpus(folder: str | Path) -> list[Path]:
+    """The bundled jsonl shards (id, text, kind, source), copied where the user can look at them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for shard in sorted(DEMO_CORPUS.glob("corpus-*.jsonl")):
+        target = folder / shard.name
+        target.write_bytes(shard.read_bytes())
+        copies.append(target)
+    return copies
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """How the run did on the corpus's planted duplicates (its ``kind`` / ``source`` fields)."""
+
+    caught: dict[str, tuple[int, int]]  # kind -> (pairs with one side removed, pairs)
+    originals_removed: tuple[int, int]  # originals removed as a duplicate of another original, originals
+    examples: list[dict]  # removed text, the text it duplicates, cosine, kind
+
+
+def demo_outcome(shards: list[Path], removed: pa.Table, n_examples: int = 4) -> DemoOutcome:
+    import json
+
+    docs = {}
+    for shard in shards:
+        for line in shard.read_text().splitlines():
+            if line.strip():
+                doc = json.loads(line)
+                docs[doc["id"]] = doc
+    gone = dict(zip(removed.column("id").to_pylist(), removed.to_pylist()))
+    caught: dict[str, list[int]] = {}
+    for doc in docs.values():
+        if doc["source"] is not None:
+            hit = caught.setdefault(doc["kind"], [0, 0])
+            hit[0] += doc["id"] in gone or doc["source"] in gone
+            hit[1] += 1
+    originals = [d for d in docs.values() if d["kind"] == "original"]
+    # an original counts as wrongly removed only when it duplicates another original
+    wrong = sum(1 for d in originals if d["id"] in gone and docs[gone[d["id"]]["dup_of"]]["kind"] == "original")
+    examples, per_kind = [], {}
+    # the least similar removed pairs of each planted kind: the interesting, borderline ones
+    for row in sorted(gone.values(), key=lambda r: (r["max_sim"] is None, r["max_sim"] or 0)):
+        kind = docs[row["id"]]["kind"]
+        if row["reason"] == "semantic" and kind != "original" and per_kind.get(kind, 0) < 2:
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+            examples.append({"removed": docs[row["id"]]["text"], "dup_of": docs[row["dup_of"]]["text"], "cosine": row["max_sim"], "kind": kind})
+        if len(examples) == n_examples:
+            break
+    return DemoOutcome({k: (v[0], v[1]) for k, v in sorted(caught.items())}, (wrong, len(originals)), examples)

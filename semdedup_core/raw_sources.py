@@ -110,7 +110,8 @@ def detect_format(cfg: RunConfig) -> str:
             raise InputError(f"{entry}: cannot tell the format from the file names (e.g. {files[0]}); pass --format")
         if kind == "parquet":
             names = _open_parquet(files[0]).schema_arrow.names
-            kind = "embeddings" if cfg.embedding_column in names else "parquet"
+            raw = cfg.embedding_column not in names and (cfg.text_column in names or cfg.image_column in names)
+            kind = "parquet" if raw else "embeddings"
         kinds[entry] = kind
     if len(set(kinds.values())) > 1:
         described = ", ".join(f"{e} ({k})" for e, k in kinds.items())

@@ -118,7 +118,10 @@ def _discover_parquet(url: str, cfg: RunConfig, index: int) -> Shard:
     if missing:
         hint = ""
         if cfg.embedding_column in missing and cfg.format == "auto":
-            hint = " (precomputed embeddings need an id column and an embedding column; use --id-column/--embedding-column to name them)"
+            hint = (
+                " (precomputed embeddings need an id column and an embedding column: --id-column/--embedding-column name them;"
+                " raw text needs a text column, images an image-bytes column: --text-column/--image-column)"
+            )
         raise InputError(f"{url}: missing column(s) {', '.join(missing)}; has {', '.join(schema.names)}{hint}")
     emb_type = schema.field(cfg.embedding_column).type
     if not (pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type) or pa.types.is_fixed_size_list(emb_type)) or not pa.types.is_floating(

@@ -279,8 +279,10 @@ def test_metadata_column_missing_or_not_numeric(tmp_path):
 
 
 def test_unsupported_format_and_unknown_keep(tmp_path):
-    with pytest.raises(ConfigError, match="webdataset"):
-        RunConfig.load(None, input=["x"], output=str(tmp_path / "o"), format="webdataset")
+    with pytest.raises(ConfigError, match=r"^format: .*webdataset"):
+        RunConfig.load(None, input=["x"], output=str(tmp_path / "o"), format="tfrecord")
+    with pytest.raises(ConfigError, match="precomputed embeddings"):
+        RunConfig.load(None, input=["x"], output=str(tmp_path / "o"), format="embeddings", model="ViT-B-16")
     with pytest.raises(ConfigError, match=r"^keep: "):
         RunConfig.load(None, input=["x"], output=str(tmp_path / "o"), keep="best")
 

@@ -186,7 +186,9 @@ def test_run_layout_and_schemas(eps_run, dataset):
         ("dup_of", pa.string()),
         ("max_sim", pa.float32()),
         ("cluster", pa.int32()),
+        ("reason", pa.string()),
     ]
+    assert {r["reason"] for r in pq.read_table(out / "result" / "removed.parquet").to_pylist()} == {"semantic"}
     assert [(f.name, f.type) for f in pq.read_schema(out / "result" / "failed.parquet")] == [
         ("id", pa.string()),
         ("source", pa.string()),
