@@ -37,7 +37,7 @@ from .storage import exists, parquet_writer, read_json, read_parquet, write_json
 HASH_BYTES = 16
 # Text is embedded in chunks sorted by length, so a batch pads to similar lengths.
 TEXT_SORT_CHUNK = 4096
-EXACT_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
+EXACT_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("shard", pa.int32()), ("row", pa.int64()), ("source", pa.string())])
 
 
 def scan_schema(metadata: list[str]) -> pa.Schema:
@@ -114,6 +114,7 @@ def resolve_exact(plan: RunPlan) -> dict:
     scans = [read_parquet(layout.scan(s.index), columns=["row", "id", "source", "error", "hash"]) for s in plan.sources]
     _check_unique_ids(scans)
     ids = pa.chunked_array([t.column("id") for t in scans], type=pa.string()).combine_chunks()
+    sources = pa.chunked_array([t.column("source") for t in scans], type=pa.string()).combine_chunks()
     shard_of = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(scans)]) if scans else np.zeros(0, np.int32)
     rows = np.concatenate([t.column("row").to_numpy() for t in scans]) if scans else np.zeros(0, np.int64)
     valid = np.concatenate([pc.is_null(t.column("error")).to_numpy(zero_copy_only=False) for t in scans]) if scans else np.zeros(0, bool)
@@ -127,7 +128,13 @@ def resolve_exact(plan: RunPlan) -> dict:
         copies = original != valid_rows
         dup_rows, of_rows = valid_rows[copies], original[copies]
         duplicates = pa.table(
-            {"id": ids.take(pa.array(dup_rows)), "dup_of": ids.take(pa.array(of_rows)), "shard": shard_of[dup_rows], "row": rows[dup_rows]},
+            {
+                "id": ids.take(pa.array(dup_rows)),
+                "dup_of": ids.take(pa.array(of_rows)),
+                "shard": shard_of[dup_rows],
+                "row": rows[dup_rows],
+                "source": sources.take(pa.array(dup_rows)),
+            },
             schema=EXACT_SCHEMA,
         )
     write_parquet(layout.exact_duplicates, duplicates)
@@ -163,6 +170,8 @@ def open_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object's address
+        raise ImageError("cannot decode image (not a known image format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode image ({exc})") from None
     mode = img.mode
@@ -183,7 +192,10 @@ class DecodedImages(torch.utils.data.IterableDataset):
     """Batches of (rows, pixels, failures) for the given scanned rows of one shard.
 
     Each DataLoader worker reads and decodes a contiguous part of the rows, so the model
-    never waits on I/O and no bytes are read twice.
+    never waits on I/O and no bytes are read twice. A batch is always the same run of
+    ``batch_size`` input rows (less the ones that fail to decode), whatever the number of
+    workers: the model sees the same batches, so the embeddings do not depend on
+    ``decode_workers``.
     """
 
     def __init__(self, shard: RawShard, scanned: pa.Table, preprocess, batch_size: int):
@@ -198,10 +210,12 @@ class DecodedImages(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        lo, hi = len(self.rows) * worker // workers, len(self.rows) * (worker + 1) // workers
+        n_batches = -(-len(self.rows) // self.batch_size)
+        lo = n_batches * worker // workers * self.batch_size
+        hi = min(len(self.rows), n_batches * (worker + 1) // workers * self.batch_size)
         rows, pixels, failures = [], [], []
         payloads = read_payloads(self.shard, self.rows[lo:hi], self.offsets[lo:hi], self.sizes[lo:hi], self.sources[lo:hi])
-        for row, data, error in payloads:
+        for i, (row, data, error) in enumerate(payloads, start=1):
             if error is None:
                 try:
                     pixels.append(self.preprocess(open_image(data)))
@@ -210,11 +224,10 @@ class DecodedImages(torch.utils.data.IterableDataset):
                     failures.append((row, str(exc)))
             else:
                 failures.append((row, error))
-            if len(rows) == self.batch_size:
-                yield np.array(rows), torch.stack(pixels), failures
+            if i % self.batch_size == 0 or lo + i == hi:  # the end of a batch of input rows
+                if rows or failures:
+                    yield np.array(rows, dtype=np.int64), torch.stack(pixels) if pixels else None, failures
                 rows, pixels, failures = [], [], []
-        if rows or failures:
-            yield np.array(rows, dtype=np.int64), torch.stack(pixels) if pixels else None, failures
 
 
 def _embed_images(embedder: ImageEmbedder, shard: RawShard, todo: pa.Table, cfg: RunConfig, device: str):

@@ -18,8 +18,10 @@ live, so the embedder reads exactly those bytes back (:func:`read_payloads`).
 from __future__ import annotations
 
 import json
+import lzma
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -128,7 +130,7 @@ def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
             files = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
             if not files:
                 raise InputError(f"{entry}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            base = root if root is not None else posixpath.dirname(files[0])
+            base = root if root is not None else _common_folder(files)
             for start in range(0, len(files), IMAGES_PER_SHARD):
                 part = files[start : start + IMAGES_PER_SHARD]
                 shards.append(RawShard(index=len(shards), kind="images", url=base, modality="image", files=part))
@@ -154,6 +156,12 @@ def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
     return shards
 
 
+def _common_folder(urls: list[str]) -> str:
+    """The deepest folder holding every file of a glob: image ids are relative to it."""
+    prefix = posixpath.commonprefix([posixpath.dirname(u) + "/" for u in urls])
+    return prefix[: prefix.rfind("/")]
+
+
 def _modality(cfg: RunConfig, default: str) -> str:
     return default if cfg.modality == "auto" else cfg.modality
 
@@ -161,7 +169,9 @@ def _modality(cfg: RunConfig, default: str) -> str:
 def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
     if fmt == "webdataset":
         modality = _modality(cfg, "image")
-        return RawShard(index=index, kind="webdataset", url=url, modality=modality, content_column=cfg.text_column if modality == "text" else None)
+        # The text of a sample is a file extension; the default text column means the caption (.txt).
+        ext = ("txt" if cfg.text_column == "text" else cfg.text_column) if modality == "text" else None
+        return RawShard(index=index, kind="webdataset", url=url, modality=modality, content_column=ext)
     if fmt == "jsonl":
         if _modality(cfg, "text") != "text":
             raise InputError(f"{url}: jsonl inputs hold text; modality 'image' is not supported for them")
@@ -301,8 +311,20 @@ def _scan_tar(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
             if key is not None:
                 yield ScannedItem(row=row, id=key, source=f"{shard.url} member {key}", error=f"tar is cut off {where} ({exc})")
             return
+        # tarfile ends an archive quietly at a missing, short or invalid header: only the
+        # end-of-archive block tells that the last sample is whole and nothing came after.
+        if key is not None and not with_retries("read", shard.url, lambda: _end_of_archive(fh, archive.offset)):
+            last = max((info for info, _ in members.values()), key=lambda info: info.offset).name
+            yield ScannedItem(row=row, id=key, source=f"{shard.url} member {key}", error=f"tar is cut off after member {last} (no end-of-archive block)")
+            return
     if key is not None:
         yield _tar_sample(shard, row, key, members, meta)
+
+
+def _end_of_archive(fh, offset: int) -> bool:
+    """Whether the block where tarfile stopped reading is the end-of-archive marker (zeros)."""
+    fh.seek(offset)
+    return fh.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
 
 
 def parquet_ids(shard_url: str, id_column: str | None, batch: pa.RecordBatch, start: int) -> list[str]:
@@ -362,10 +384,14 @@ def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
         return
     explicit_id = shard.id_column != "id"
     with fh:
-        for line_no, raw in enumerate(fh):
+        for line_no, raw in enumerate(jsonl_lines(fh)):
+            if isinstance(raw, Exception):
+                source = f"{shard.url} line {line_no + 1}"
+                yield ScannedItem(row=line_no, id=f"{shard.url}:{line_no + 1}", source=source, error=f"file is cut off or corrupt here ({type(raw).__name__}: {raw})")
+                return
             if not raw.strip():
                 continue  # blank lines are not items
-            synthetic = f"{shard.url}:{line_no}"
+            synthetic = f"{shard.url}:{line_no + 1}"  # the line number, as in source
             item = ScannedItem(row=line_no, id=synthetic, source=f"{shard.url} line {line_no + 1}")
             try:
                 record = json.loads(raw)
@@ -392,6 +418,15 @@ def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
             if meta and item.error is None:
                 _take_metadata(item, record, meta)
             yield item
+
+
+def jsonl_lines(fh) -> Iterator[bytes | Exception]:
+    """The lines of a (possibly compressed) file; a truncated or corrupt stream ends with
+    the error instead of raising, so the lines before it are still used."""
+    try:
+        yield from fh
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        yield exc
 
 
 def _scan_images(shard: RawShard) -> Iterator[ScannedItem]:

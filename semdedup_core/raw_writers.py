@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from fsspec.compression import compr
 from fsspec.utils import infer_compression
 
-from .raw_sources import RawShard, parquet_ids, split_key
+from .raw_sources import RawShard, jsonl_lines, parquet_ids, split_key
 from .run import RunPlan
 from .sources import _open_parquet
 from .storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes, write_json
@@ -126,7 +126,9 @@ def _write_jsonl(plan: RunPlan, shard: RawShard, targets, decide, counts: dict[s
     with _outputs(targets, shard.basename) as files, ExitStack() as stack:
         outs: dict[str, BinaryIO] = {k: stack.enter_context(compr[compression](fh, mode="wb")) if compression else fh for k, fh in files.items()}
         with fs.open(path, "rb", compression="infer") as fh:
-            for line_no, line in enumerate(fh):
+            for line_no, line in enumerate(jsonl_lines(fh)):
+                if isinstance(line, Exception):
+                    break  # the rest of a cut-off file is in failed
                 out = outs.get(decision.get(line_no, FAILED))
                 if out is not None:
                     out.write(line if line.endswith(b"\n") else line + b"\n")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,6 +25,12 @@ REMOVED_SCHEMA = pa.schema(
 def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
     """Every input item ends in exactly one of kept / removed / failed; summary.json is written last."""
     layout = plan.layout
+    failed_parts = [read_parquet(layout.embeddings_failed(s.index)) for s in plan.sources]
+    failed_parts += [read_parquet(layout.partition_failed(s.index)) for s in plan.shards]
+    failed = pa.concat_tables([t.cast(FAILED_SCHEMA) for t in failed_parts])
+    exact = _exact_copies(plan, failed)
+    failed = pa.concat_tables([failed, exact.failed])
+    write_parquet(layout.failed, failed)
     n_kept = n_removed = 0
     top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
     with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
@@ -37,28 +45,10 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
             n_kept += kept.num_rows
             n_removed += removed.num_rows
             top_removed.append(removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS).cast(REMOVED_SCHEMA))
-        n_exact = 0
-        if plan.embeds:
-            exact = read_parquet(layout.exact_duplicates, columns=["id", "dup_of"])
-            n_exact = exact.num_rows
-            removed_w.write_table(
-                pa.table(
-                    {
-                        "id": exact.column("id"),
-                        "dup_of": exact.column("dup_of"),
-                        "max_sim": pa.nulls(n_exact, pa.float32()),
-                        "cluster": pa.nulls(n_exact, pa.int32()),
-                        "reason": pa.array(["exact"] * n_exact, pa.string()),
-                    },
-                    schema=REMOVED_SCHEMA,
-                )
-            )
+        removed_w.write_table(exact.removed)
     n_judged = n_kept + n_removed
+    n_exact = exact.removed.num_rows
     n_removed += n_exact
-    failed_parts = [read_parquet(layout.embeddings_failed(s.index)) for s in plan.sources]
-    failed_parts += [read_parquet(layout.partition_failed(s.index)) for s in plan.shards]
-    failed = pa.concat_tables([t.cast(FAILED_SCHEMA) for t in failed_parts])
-    write_parquet(layout.failed, failed)
     n_failed = failed.num_rows
     if n_kept + n_removed + n_failed != plan.n_input:
         raise RuntimeError(f"accounting error: kept {n_kept} + removed {n_removed} + failed {n_failed} != input {plan.n_input}")
@@ -87,6 +77,37 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
     write_json(layout.summary, summary)
     return summary
+
+
+@dataclass
+class _ExactCopies:
+    removed: pa.Table  # REMOVED_SCHEMA, reason "exact"
+    failed: pa.Table  # FAILED_SCHEMA: copies of an item that failed (they would fail the same way)
+
+
+def _exact_copies(plan: RunPlan, failed: pa.Table) -> _ExactCopies:
+    """Exact copies resolved before embedding, split by whether the item they copy made it."""
+    if not plan.embeds:
+        return _ExactCopies(REMOVED_SCHEMA.empty_table(), FAILED_SCHEMA.empty_table())
+    exact = read_parquet(plan.layout.exact_duplicates, columns=["id", "dup_of", "source"])
+    errors = dict(zip(failed.column("id").to_pylist(), failed.column("error").to_pylist())) if failed.num_rows else {}
+    of_failed = pc.is_in(exact.column("dup_of"), value_set=failed.column("id").combine_chunks()) if failed.num_rows else pa.array(np.zeros(exact.num_rows, bool))
+    ok, bad = exact.filter(pc.invert(of_failed)), exact.filter(of_failed)
+    n = ok.num_rows
+    removed = pa.table(
+        {"id": ok.column("id"), "dup_of": ok.column("dup_of"), "max_sim": pa.nulls(n, pa.float32()), "cluster": pa.nulls(n, pa.int32()), "reason": pa.array(["exact"] * n, pa.string())},
+        schema=REMOVED_SCHEMA,
+    )
+    originals = bad.column("dup_of").to_pylist()
+    failed_copies = pa.table(
+        {
+            "id": bad.column("id"),
+            "source": bad.column("source"),
+            "error": pa.array([f"exact copy of {o}, which failed: {errors[o]}" for o in originals], pa.string()),
+        },
+        schema=FAILED_SCHEMA,
+    )
+    return _ExactCopies(removed, failed_copies)
 
 
 def record_written(plan: RunPlan, written: list[dict], seconds: float) -> dict:
