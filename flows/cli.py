@@ -140,7 +140,9 @@ def print_summary(summary: dict) -> None:
     table = Table(title="semdedup", show_header=False)
     table.add_row("input items", f"{summary['n_input']:,}")
     table.add_row("kept", f"{summary['n_kept']:,}")
-    table.add_row("removed", f"{summary['n_removed']:,}" + (f" ({summary['n_exact']:,} exact copies)" if summary.get("n_exact") else ""))
+    table.add_row("removed", f"{summary['n_removed']:,}")
+    if summary.get("n_exact"):
+        table.add_row("  of them exact copies", f"{summary['n_exact']:,}")
     table.add_row("failed", f"{summary['n_failed']:,}")
     table.add_row("eps", f"{summary['eps']:.6g}")
     if summary.get("target_keep") is not None:
