@@ -93,9 +93,10 @@ def _check_open_clip_name(spec: ModelSpec) -> None:
 
     if spec.name.startswith("local-dir:"):
         folder = spec.name.removeprefix("local-dir:")
-        weights = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith((".safetensors", ".bin", ".pt", ".pth"))]
+        # The suffixes open_clip looks for in a local-dir (a .pt there is ignored: random weights).
+        weights = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith((".safetensors", ".bin", ".pth"))]
         if not weights:
-            raise ConfigError(f"{spec.name}: expected a folder with open_clip_config.json and a weights file (.safetensors/.bin/.pt)")
+            raise ConfigError(f"{spec.name}: expected a folder with open_clip_config.json and a weights file (.safetensors/.bin/.pth)")
         return
     if spec.name.startswith("hf-hub:"):
         return
@@ -134,7 +135,7 @@ class TextEmbedder:
         if self.tokenizer.pad_token is None:  # decoder-only tokenizers (GPT-2, ...) have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pooling = pooling if pooling != "auto" else default_pooling(model.config)
-        self.max_length = max_length or model_max_length(self.tokenizer, model.config)
+        self.max_length = max_length or model_max_length(self.tokenizer, model.config, path)
         self.truncation = truncation
         self.dim = int(model.config.hidden_size)
 
@@ -174,11 +175,31 @@ def default_pooling(config: Any) -> str:
     return "mean"
 
 
-def model_max_length(tokenizer: Any, config: Any) -> int:
-    """The smaller of the position table and the tokenizer's limit (tokenizers without one
-    report a huge sentinel)."""
-    limits = [v for v in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length) if isinstance(v, int) and 0 < v < 1_000_000]
+def model_max_length(tokenizer: Any, config: Any, path: str | None = None) -> int:
+    """The smallest of the position table, the tokenizer's limit (tokenizers without one
+    report a huge sentinel) and, for sentence-transformers models, their max_seq_length
+    (all-MiniLM-L6-v2: 256, though its tokenizer says 512)."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    if path is not None:
+        limits.append(_sentence_transformers_max_length(path))
+    limits = [v for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
     return min(limits) if limits else 512
+
+
+def _sentence_transformers_max_length(path: str) -> int | None:
+    """max_seq_length from sentence_bert_config.json (a model folder or a cached hub model)."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(path, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        if found is None:
+            return None
+        with open(found) as fh:
+            return json.load(fh).get("max_seq_length")
+    except (OSError, ValueError):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
