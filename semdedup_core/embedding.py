@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import time
 import unicodedata
 
@@ -230,6 +231,16 @@ class DecodedImages(torch.utils.data.IterableDataset):
                 rows, pixels, failures = [], [], []
 
 
+def _decoder_context() -> multiprocessing.context.BaseContext:
+    """forkserver: a forked worker inherits the task runner's threads, locks and exit
+    handlers (Prefect's API and log threads, a storage client) and can die at exit;
+    forkserver workers fork from a clean server instead. The server imports the decoding
+    stack once per process (seconds, once), so each shard's workers start at once."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "open_clip", "torchvision.transforms"])
+    return ctx
+
+
 def _embed_images(embedder: ImageEmbedder, shard: RawShard, todo: pa.Table, cfg: RunConfig, device: str):
     dataset = DecodedImages(shard, todo, embedder.preprocess, cfg.batch_size)
     workers = min(cfg.decode_workers, max(1, todo.num_rows // cfg.batch_size))
@@ -237,8 +248,7 @@ def _embed_images(embedder: ImageEmbedder, shard: RawShard, todo: pa.Table, cfg:
         dataset,
         batch_size=None,
         num_workers=workers,
-        # torch's default start method (fork on Linux): workers start in milliseconds;
-        # forkserver/spawn would re-import torch and open_clip in every worker (~10 s here).
+        multiprocessing_context=_decoder_context() if workers else None,
         pin_memory=device.startswith("cuda"),
     )
     for rows, pixels, failures in loader:
