@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .config import RunConfig
-from .embedders import ImageEmbedder, TextEmbedder, load_embedder, model_spec
+from .embedders import ImageEmbedder, TextEmbedder, load_embedder
 from .partitions import FAILED_SCHEMA
 from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items
 from .run import RunPlan, default_buckets
@@ -349,7 +349,6 @@ def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]
 
 def check_embedder(cfg: RunConfig, modality: str, device: str) -> None:
     """Load the model once at plan time: a model that cannot load fails before any work."""
-    model_spec(cfg, modality, device)
     load_embedder(cfg, modality, device)
 
 
