@@ -20,10 +20,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic ded
 console = Console()
 
 
-def _quiet_prefect(verbose: bool) -> None:
-    # Before prefect is imported: offline-friendly defaults a user can still override.
+def _quiet(verbose: bool) -> None:
+    # Before prefect or transformers load: offline-friendly defaults a user can still override.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _fail(message: str) -> None:
@@ -121,12 +123,12 @@ def execute(cfg: RunConfig, verbose: bool = False) -> dict:
     from semdedup_core.storage import StorageError
 
     refusals = (ConfigError, InputError, LeaseError)
+    _quiet(verbose)
     if cfg.storage_block is None:  # a block's options load inside the flow, where Prefect runs
         try:
             plan_run(cfg)
         except refusals as exc:
             _fail(str(exc))
-    _quiet_prefect(verbose)
     from flows.dedup_flow import semdedup_flow
 
     try:
