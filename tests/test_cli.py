@@ -207,3 +207,18 @@ def test_bad_input_and_bad_config_file(tmp_path, small_glob):
     assert_fails_cleanly(cli(["run", small_glob, "--output", str(out), "--clusters", "51"], tmp_path), out, "clusters=51", "50")
     # a config file that cannot be read
     assert_fails_cleanly(cli(["run", small_glob, "--output", str(out), "--config", "missing.yaml"], tmp_path), out, "missing.yaml")
+
+
+def test_raw_input_misconfigurations(tmp_path):
+    out = tmp_path / "out"
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"id": "a", "text": "hello"}\n')
+    # a text model that is not there: found while planning, before anything is written
+    missing = str(tmp_path / "no-model")
+    assert_fails_cleanly(cli(["run", str(data), "--output", str(out), "--model", missing], tmp_path), out, missing, "cannot be loaded")
+    # an open_clip name without weights would embed with random weights
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG")
+    assert_fails_cleanly(cli(["run", str(folder), "--output", str(out), "--model", "ViT-B-16"], tmp_path), out, "ViT-B-16", "--pretrained")
+    assert_fails_cleanly(cli(["run", str(data), "--output", str(out), "--fresh", "--reuse-embeddings"], tmp_path), out, "--fresh", "--reuse-embeddings")
