@@ -284,3 +284,21 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
         for sample in samples:
             writer.write(sample)
     return path
+
+
+def raw_config(inputs, out: Path, **kw):
+    """A RunConfig for small raw-input runs: 2 clusters, decoding in the task's own process."""
+    from semdedup_core.config import RunConfig
+
+    kw.setdefault("clusters", 2)
+    kw.setdefault("decode_workers", 0)
+    return RunConfig(input=[str(i) for i in inputs], output=str(out), **kw)
+
+
+def run_raw(cfg) -> RunResults:
+    """The whole pipeline without Prefect, single-threaded, and what it decided."""
+    from semdedup_core.pipeline import run_pipeline
+
+    with single_thread():
+        run_pipeline(cfg)
+    return RunResults(cfg.output)

@@ -13,24 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.config import ConfigError
 from semdedup_core.raw_sources import RawShard, scan_items
 from semdedup_core.run import plan_run
 
-from .conftest import RunResults, single_thread, write_tar
-
-
-def _cfg(inputs, out: Path, **kw) -> RunConfig:
-    kw.setdefault("clusters", 2)
-    kw.setdefault("decode_workers", 0)
-    return RunConfig(input=[str(i) for i in inputs], output=str(out), **kw)
-
-
-def _run(cfg: RunConfig) -> RunResults:
-    with single_thread():
-        run_pipeline(cfg)
-    return RunResults(cfg.output)
+from .conftest import RunResults, raw_config, run_raw, write_tar
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -98,7 +85,7 @@ def bad_tar_run(tmp_path_factory, tiny_clip) -> dict:
     (data / "00002.tar").write_bytes(b"")  # zero bytes
     (data / "00003.tar").write_bytes(b"this is a text file named .tar\n" * 40)
     out = root / "out"
-    res = _run(_cfg([data], out, model=tiny_clip, write_dataset=True, write_removed=True))
+    res = run_raw(raw_config([data], out, model=tiny_clip, write_dataset=True, write_removed=True))
     return {"data": data, "out": out, "res": res}
 
 
@@ -193,7 +180,7 @@ def test_image_folder_with_a_zero_byte_and_a_broken_file(tmp_path, tiny_clip):
         (folder / f"ok{i}.png").write_bytes(_encode(_rgb(20 + i), "PNG"))
     (folder / "sub" / "zero.jpg").write_bytes(b"")
     (folder / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    res = _run(_cfg([folder], tmp_path / "out", model=tiny_clip))
+    res = run_raw(raw_config([folder], tmp_path / "out", model=tiny_clip))
     _accounted(res, [f"ok{i}.png" for i in range(4)] + ["sub/zero.jpg", "sub/broken.png"])
     failed = _failed(res)
     assert failed["sub/zero.jpg"] == (f"{folder}/sub/zero.jpg", "file is empty (0 bytes)")
@@ -222,7 +209,7 @@ def test_bad_text_lines(tmp_path, tiny_bert):
     ]
     (data / "t.jsonl").write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     url = f"{data}/t.jsonl"
-    res = _run(_cfg([data], tmp_path / "out", model=str(tiny_bert), max_length=16, truncation=False))
+    res = run_raw(raw_config([data], tmp_path / "out", model=str(tiny_bert), max_length=16, truncation=False))
     good = ["t0", "t1", "t2", "t3"]
     _accounted(res, good + ["empty", "blank", "notext", f"{url}:6", "long", "number", f"{url}:9"])
     assert _failed(res) == {
@@ -269,7 +256,7 @@ def test_models_that_cannot_load_fail_before_any_work(tiny_inputs, tmp_path, mod
     root = tiny_inputs["root"]
     out = tmp_path / "out"
     kw = {"pretrained": pretrained.format(root=root)} if pretrained else {}
-    cfg = _cfg([tiny_inputs[modality]], out, model=model.format(root=root), **kw)
+    cfg = raw_config([tiny_inputs[modality]], out, model=model.format(root=root), **kw)
     with pytest.raises(ConfigError) as info:
         plan_run(cfg)
     message = str(info.value)
@@ -289,7 +276,7 @@ def test_cut_off_gzip_jsonl_keeps_the_lines_before_the_cut(tmp_path, tiny_bert):
     path.write_bytes(packed[: len(packed) // 2])
     read = [i for i in scan_items(RawShard(index=0, kind="jsonl", url=str(path), modality="text", id_column="id", content_column="text"), []) if i.error is None]
     assert 0 < len(read) < 400 and [i.id for i in read] == [f"x{n}" for n in range(len(read))]
-    res = _run(_cfg([path], tmp_path / "out", model=str(tiny_bert), write_dataset=True))
+    res = run_raw(raw_config([path], tmp_path / "out", model=str(tiny_bert), write_dataset=True))
     cut = len(read) + 1
     assert _failed(res) == {f"{path}:{cut}": (f"{path} line {cut}", _failed(res)[f"{path}:{cut}"][1])}
     assert "cut off or corrupt" in _failed(res)[f"{path}:{cut}"][1]
@@ -305,7 +292,7 @@ def test_an_exact_copy_of_an_item_that_fails_embedding_fails_too(tmp_path, tiny_
     path.parent.mkdir()
     docs = [{"id": "long", "text": long_text}, {"id": "long-copy", "text": long_text.upper()}] + [{"id": f"d{i}", "text": f"w{i} a"} for i in range(6)]
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    res = _run(_cfg([path], tmp_path / "out", model=str(tiny_bert), truncation=False))
+    res = run_raw(raw_config([path], tmp_path / "out", model=str(tiny_bert), truncation=False))
     failed = _failed(res)
     assert set(failed) == {"long", "long-copy"}
     assert "more than max_length 64" in failed["long"][1]

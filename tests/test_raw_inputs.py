@@ -24,21 +24,9 @@ from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.raw_sources import detect_format, discover_raw_shards, scan_items
 
-from .conftest import RunResults, png_bytes, single_thread, write_tar
+from .conftest import RunResults, raw_config, run_raw, png_bytes, write_tar
 
 SIDE = 16  # pixels; the tiny CLIP resizes to 32
-
-
-def _cfg(inputs, out: Path, **kw) -> RunConfig:
-    kw.setdefault("clusters", 2)
-    kw.setdefault("decode_workers", 0)
-    return RunConfig(input=[str(i) for i in inputs], output=str(out), **kw)
-
-
-def _run(cfg: RunConfig) -> RunResults:
-    with single_thread():
-        run_pipeline(cfg)
-    return RunResults(cfg.output)
 
 
 def _image(seed: int) -> np.ndarray:
@@ -119,13 +107,13 @@ def _tar_samples(path: Path) -> list[tuple[str, list[tuple[str, bytes]]]]:
 
 def _wds_cfg(wds_data: dict, out: Path, model: str, **kw) -> RunConfig:
     # eps: the random tiny CLIP maps these images to cosine similarities ~0.95-0.99
-    return _cfg([wds_data["root"] / "data" / "*.tar"], out, model=model, batch_size=8, eps=0.015, **kw)
+    return raw_config([wds_data["root"] / "data" / "*.tar"], out, model=model, batch_size=8, eps=0.015, **kw)
 
 
 @pytest.fixture(scope="module")
 def wds_run(wds_data, tiny_clip) -> tuple[Path, RunResults]:
     out = wds_data["root"] / "out"
-    return out, _run(_wds_cfg(wds_data, out, tiny_clip, write_dataset=True, write_removed=True))
+    return out, run_raw(_wds_cfg(wds_data, out, tiny_clip, write_dataset=True, write_removed=True))
 
 
 def test_webdataset_partition_and_exact_duplicates(wds_data, wds_run):
@@ -163,14 +151,14 @@ def test_webdataset_written_back_byte_for_byte(wds_data, wds_run):
 def test_decode_workers_give_identical_results(wds_data, wds_run, tiny_clip, tmp_path):
     out0, res0 = wds_run
     # batch_size 8: 19 and 18 items to embed per tar, so two workers decode each tar
-    res2 = _run(_wds_cfg(wds_data, tmp_path / "out", tiny_clip, decode_workers=2))
+    res2 = run_raw(_wds_cfg(wds_data, tmp_path / "out", tiny_clip, decode_workers=2))
     assert res2.decisions() == res0.decisions()
     for shard in ("shard-00000.parquet", "shard-00001.parquet"):
         assert pq.read_table(tmp_path / "out" / "embeddings" / shard).equals(pq.read_table(out0 / "embeddings" / shard))
 
 
 def test_webdataset_text_modality_embeds_the_txt(wds_data, tiny_bert, tmp_path):
-    res = _run(_cfg([wds_data["root"] / "data"], tmp_path / "out", model=str(tiny_bert), modality="text"))
+    res = run_raw(raw_config([wds_data["root"] / "data"], tmp_path / "out", model=str(tiny_bert), modality="text"))
     check_accounting(res, wds_data["keys"])
     assert res.failed == [] and res.summary["n_exact"] == 0  # the captions all differ
     assert res.summary["embedder"]["modality"] == "text"
@@ -179,8 +167,8 @@ def test_webdataset_text_modality_embeds_the_txt(wds_data, tiny_bert, tmp_path):
 
 
 def test_webdataset_keep_metadata_reads_the_json(wds_data, tiny_clip, tmp_path):
-    cfg = _cfg([wds_data["paths"][0]], tmp_path / "out", model=tiny_clip, keep="metadata", metadata_columns=["width"])
-    res = _run(cfg)
+    cfg = raw_config([wds_data["paths"][0]], tmp_path / "out", model=tiny_clip, keep="metadata", metadata_columns=["width"])
+    res = run_raw(cfg)
     check_accounting(res, wds_data["keys"][:20])
     width = {s["__key__"]: json.loads(s["json"])["width"] for s in wds_data["samples"][:20]}
     table = pq.read_table(tmp_path / "out" / "embeddings" / "shard-00000.parquet")
@@ -219,8 +207,8 @@ def folder_run(tmp_path_factory, tiny_clip) -> tuple[Path, Path, RunResults]:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(_encoded(seed, fmt))
     (folder / "notes.txt").write_text("not an image")
-    cfg = _cfg([folder], root / "out", model=tiny_clip, write_dataset=True, write_removed=True)
-    return folder, root / "out", _run(cfg)
+    cfg = raw_config([folder], root / "out", model=tiny_clip, write_dataset=True, write_removed=True)
+    return folder, root / "out", run_raw(cfg)
 
 
 def test_image_folder_ids_are_relative_paths(folder_run):
@@ -247,7 +235,7 @@ def test_image_glob_ids_are_relative_to_the_folder_holding_every_match(folder_ru
         ("a/**/*.jp*g", ["deep/p1.jpg", "p3.jpeg"]),
         ("b/x1.png", ["x1.png"]),
     ):
-        (shard,) = discover_raw_shards(_cfg([f"{folder}/{pattern}"], tmp_path / "out"), "images")
+        (shard,) = discover_raw_shards(raw_config([f"{folder}/{pattern}"], tmp_path / "out"), "images")
         assert [item.id for item in scan_items(shard, [])] == ids, pattern
 
 
@@ -271,8 +259,8 @@ def image_parquet_run(tmp_path_factory, tiny_clip) -> tuple[Path, Path, RunResul
     table = pa.table({"id": [f"h{i}" for i in range(8)], "image": struct, "label": pa.array(range(8), pa.int16())})
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})})
     pq.write_table(table, data / "struct.parquet", row_group_size=3)
-    cfg = _cfg([data], root / "out", model=tiny_clip, write_dataset=True, write_removed=True)
-    return data, root / "out", _run(cfg)
+    cfg = raw_config([data], root / "out", model=tiny_clip, write_dataset=True, write_removed=True)
+    return data, root / "out", run_raw(cfg)
 
 
 def test_parquet_image_bytes_plain_and_struct(image_parquet_run):
@@ -313,8 +301,8 @@ def text_parquet_run(tmp_path_factory, tiny_bert) -> tuple[Path, Path, RunResult
         data / "a.parquet",
     )
     pq.write_table(pa.table({"text": without, "n": pa.array(range(10), pa.int32())}), data / "b.parquet", row_group_size=4)
-    cfg = _cfg([data / "*.parquet"], root / "out", model=str(tiny_bert), write_dataset=True, write_removed=True)
-    return data, root / "out", _run(cfg)
+    cfg = raw_config([data / "*.parquet"], root / "out", model=str(tiny_bert), write_dataset=True, write_removed=True)
+    return data, root / "out", run_raw(cfg)
 
 
 def test_parquet_text_ids_from_the_column_or_synthetic(text_parquet_run):
@@ -375,8 +363,8 @@ def jsonl_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def jsonl_run(jsonl_data, tiny_bert) -> tuple[Path, RunResults]:
     out = jsonl_data["root"] / "out"
-    cfg = _cfg([jsonl_data["data"]], out, model=str(tiny_bert), write_dataset=True, write_removed=True)
-    return out, _run(cfg)
+    cfg = raw_config([jsonl_data["data"]], out, model=str(tiny_bert), write_dataset=True, write_removed=True)
+    return out, run_raw(cfg)
 
 
 def test_jsonl_plain_and_gzip(jsonl_data, jsonl_run):
@@ -412,9 +400,9 @@ def test_auto_detection_of_each_format(wds_data, folder_run, image_parquet_run, 
         "jsonl": jsonl_data["data"] / "*.jsonl*",
     }
     for expected, entry in cases.items():
-        assert detect_format(_cfg([entry], tmp_path / "out")) == expected, entry
-    assert detect_format(_cfg([image_parquet_run[0] / "struct.parquet"], tmp_path / "out")) == "parquet"
-    assert detect_format(_cfg([folder_run[0] / "a" / "deep" / "p1.jpg"], tmp_path / "out")) == "images"
+        assert detect_format(raw_config([entry], tmp_path / "out")) == expected, entry
+    assert detect_format(raw_config([image_parquet_run[0] / "struct.parquet"], tmp_path / "out")) == "parquet"
+    assert detect_format(raw_config([folder_run[0] / "a" / "deep" / "p1.jpg"], tmp_path / "out")) == "images"
 
 
 # ---------------------------------------------------------------- resume, re-embedding, reuse-embeddings
@@ -426,19 +414,19 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 def test_rerun_skips_embedding_and_reembeds_only_a_missing_shard(jsonl_data, tiny_bert, tiny_opt, tmp_path):
     out = tmp_path / "out"
-    cfg = _cfg([jsonl_data["data"]], out, model=str(tiny_bert))
-    first = _run(cfg)
+    cfg = raw_config([jsonl_data["data"]], out, model=str(tiny_bert))
+    first = run_raw(cfg)
     embeddings = _snapshot(out / "embeddings")
     assert sorted(embeddings) == [f"shard-0000{i}.{ext}" for i in (0, 1) for ext in ("failed.parquet", "json", "parquet")]
 
     # the same config on a finished run: nothing is embedded again, the same results
-    again = _run(cfg)
+    again = run_raw(cfg)
     assert _snapshot(out / "embeddings") == embeddings
     assert again.decisions() == first.decisions()
 
     # shard 1 lost its marker: only shard 1 is embedded again, to the same vectors
     (out / "embeddings" / "shard-00001.json").unlink()
-    third = _run(cfg)
+    third = run_raw(cfg)
     after = _snapshot(out / "embeddings")
     assert {n: v for n, v in after.items() if n.startswith("shard-00000")} == {n: v for n, v in embeddings.items() if n.startswith("shard-00000")}
     assert after["shard-00001.json"][0] != embeddings["shard-00001.json"][0]
@@ -450,7 +438,7 @@ def test_rerun_skips_embedding_and_reembeds_only_a_missing_shard(jsonl_data, tin
     embeddings = _snapshot(out / "embeddings")
     scan = _snapshot(out / "scan")
     scores_before = _snapshot(out / "scores")
-    reused = _run(cfg.model_copy(update={"eps": 0.3, "on_existing": "reuse-embeddings"}))
+    reused = run_raw(cfg.model_copy(update={"eps": 0.3, "on_existing": "reuse-embeddings"}))
     assert _snapshot(out / "embeddings") == embeddings and _snapshot(out / "scan") == scan
     assert all(v[0] != scores_before[n][0] for n, v in _snapshot(out / "scores").items())
     assert reused.summary["eps"] == 0.3
