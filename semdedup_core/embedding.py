@@ -32,7 +32,7 @@ from .embedders import ImageEmbedder, TextEmbedder, load_embedder
 from .partitions import FAILED_SCHEMA
 from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items
 from .run import RunPlan, default_buckets
-from .sources import InputError, Shard
+from .sources import Shard, duplicate_id_error, first_duplicate_id
 from .storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
 
 HASH_BYTES = 16
@@ -145,18 +145,12 @@ def resolve_exact(plan: RunPlan) -> dict:
 
 
 def _check_unique_ids(scans: list[pa.Table]) -> None:
-    ids = pa.chunked_array([t.column("id") for t in scans], type=pa.string())
-    counts = pc.value_counts(ids)
-    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(dup) == 0:
+    found = first_duplicate_id([t.column("id").combine_chunks() for t in scans])
+    if found is None:
         return
-    dup_id = dup[0]["values"].as_py()
-    where = []
-    for t in scans:
-        mask = pc.equal(t.column("id"), dup_id)
-        where += t.filter(mask).column("source").to_pylist()
-    more = f" ({len(dup) - 1} more duplicated ids)" if len(dup) > 1 else ""
-    raise InputError(f"duplicate id {dup_id!r} in {' and '.join(where[:2])}{more}; ids must be unique across the input")
+    dup_id, n_more = found
+    where = [source for t in scans for source in t.filter(pc.equal(t.column("id"), dup_id)).column("source").to_pylist()]
+    raise duplicate_id_error(dup_id, n_more, where[:2])
 
 
 # ---------------------------------------------------------------- embed
@@ -347,11 +341,6 @@ def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]
 # ---------------------------------------------------------------- hand over to the dedup stages
 
 
-def check_embedder(cfg: RunConfig, modality: str, device: str) -> None:
-    """Load the model once at plan time: a model that cannot load fails before any work."""
-    load_embedder(cfg, modality, device)
-
-
 def plan_embedded(plan: RunPlan) -> RunPlan:
     """The plan for the dedup stages: the run's own embeddings shards, k and buckets from
     the number of items embedded."""
@@ -364,7 +353,5 @@ def plan_embedded(plan: RunPlan) -> RunPlan:
         for s, m in zip(plan.sources, markers)
     ]
     clusters = cfg.clusters_for(n_embedded)
-    buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_embedded, dim, clusters)
-    if buckets > clusters:
-        buckets = clusters
+    buckets = min(clusters, cfg.buckets if cfg.buckets is not None else default_buckets(n_embedded, dim, clusters))
     return plan.model_copy(update={"shards": shards, "n_input": sum(m["n_items"] for m in markers), "dim": dim, "clusters": clusters, "buckets": buckets})

@@ -144,10 +144,10 @@ def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
             shards.append(_raw_shard(url, len(shards), fmt, cfg))
     seen: set[str] = set()
     for s in shards:
-        key = s.url if s.kind != "images" else s.url + str(s.files[:1])
-        if key in seen:
-            raise InputError(f"{s.url}: listed twice in the inputs")
-        seen.add(key)
+        for url in s.files or [s.url]:
+            if url in seen:
+                raise InputError(f"{url}: listed twice in the inputs")
+            seen.add(url)
     if cfg.write_dataset or cfg.write_removed:
         names: dict[str, str] = {}
         for s in shards:

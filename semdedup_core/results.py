@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -90,20 +89,20 @@ def _exact_copies(plan: RunPlan, failed: pa.Table) -> _ExactCopies:
     if not plan.embeds:
         return _ExactCopies(REMOVED_SCHEMA.empty_table(), FAILED_SCHEMA.empty_table())
     exact = read_parquet(plan.layout.exact_duplicates, columns=["id", "dup_of", "source"])
-    errors = dict(zip(failed.column("id").to_pylist(), failed.column("error").to_pylist())) if failed.num_rows else {}
-    of_failed = pc.is_in(exact.column("dup_of"), value_set=failed.column("id").combine_chunks()) if failed.num_rows else pa.array(np.zeros(exact.num_rows, bool))
+    failed_ids = failed.column("id").combine_chunks()
+    of_failed = pc.is_in(exact.column("dup_of"), value_set=failed_ids)
     ok, bad = exact.filter(pc.invert(of_failed)), exact.filter(of_failed)
+    errors = failed.column("error").take(pc.index_in(bad.column("dup_of"), value_set=failed_ids)).to_pylist()
     n = ok.num_rows
     removed = pa.table(
         {"id": ok.column("id"), "dup_of": ok.column("dup_of"), "max_sim": pa.nulls(n, pa.float32()), "cluster": pa.nulls(n, pa.int32()), "reason": pa.array(["exact"] * n, pa.string())},
         schema=REMOVED_SCHEMA,
     )
-    originals = bad.column("dup_of").to_pylist()
     failed_copies = pa.table(
         {
             "id": bad.column("id"),
             "source": bad.column("source"),
-            "error": pa.array([f"exact copy of {o}, which failed: {errors[o]}" for o in originals], pa.string()),
+            "error": pa.array([f"exact copy of {o}, which failed: {e}" for o, e in zip(bad.column("dup_of").to_pylist(), errors)], pa.string()),
         },
         schema=FAILED_SCHEMA,
     )

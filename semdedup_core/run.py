@@ -105,8 +105,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
 def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
     """Raw inputs: the shards and a loadable model; sizes come after the embedding stage."""
-    from .embedders import model_spec
-    from .embedding import check_embedder
+    from .embedders import load_embedder, model_spec
 
     sources = discover_raw_shards(cfg, fmt)
     modalities = {s.modality for s in sources}
@@ -117,7 +116,7 @@ def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
     modality = modalities.pop()
     if cfg.keep == "metadata" and fmt == "images":
         raise ConfigError("keep='metadata' needs metadata columns, which image folders do not have")
-    check_embedder(cfg, modality, device)
+    load_embedder(cfg, modality, device)  # a model that cannot load fails here, before any work
     spec = model_spec(cfg, modality, device)
     embedder = {"modality": spec.modality, "model": spec.name, "pretrained": spec.pretrained, "precision": spec.precision}
     return RunPlan(config=cfg, input_format=fmt, shards=[], sources=sources, embedder=embedder, n_input=0, dim=0, clusters=0, buckets=0, device=device)

@@ -243,17 +243,27 @@ def _ids_as_strings(ids: pa.Array, shard: Shard, start: int) -> pa.Array:
     return ids if pa.types.is_string(ids.type) else pc.cast(ids, pa.string())
 
 
+def first_duplicate_id(per_shard_ids: list[pa.Array]) -> tuple[str, int] | None:
+    """A duplicated id across the shards' ids and how many other ids are duplicated, or None."""
+    counts = pc.value_counts(pa.chunked_array(per_shard_ids, type=pa.string()))
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    return (dup[0]["values"].as_py(), len(dup) - 1) if len(dup) else None
+
+
+def duplicate_id_error(dup_id: str, n_more: int, where: list[str]) -> InputError:
+    more = f" ({n_more} more duplicated ids)" if n_more else ""
+    return InputError(f"duplicate id {dup_id!r} in {' and '.join(where)}{more}; ids must be unique across the input")
+
+
 def check_unique_ids(shards: list[Shard]) -> None:
     """Ids must be unique across the whole input; names a duplicate and where it occurs."""
     per_shard = [read_ids(s) for s in shards]
-    counts = pc.value_counts(pa.chunked_array(per_shard, type=pa.string()))
-    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(dup) == 0:
+    found = first_duplicate_id(per_shard)
+    if found is None:
         return
-    dup_id = dup[0]["values"].as_py()
+    dup_id, n_more = found
     where = [f"{s.name} row {int(pc.index(ids, dup_id).as_py())}" for s, ids in zip(shards, per_shard) if pc.any(pc.equal(ids, dup_id)).as_py()]
-    more = f" ({len(dup) - 1} more duplicated ids)" if len(dup) > 1 else ""
-    raise InputError(f"duplicate id {dup_id!r} in {' and '.join(where)}{more}; ids must be unique across the input")
+    raise duplicate_id_error(dup_id, n_more, where)
 
 
 # ---------------------------------------------------------------- reading rows

@@ -299,3 +299,18 @@ def test_an_exact_copy_of_an_item_that_fails_embedding_fails_too(tmp_path, tiny_
     assert failed["long-copy"] == (f"{path} line 2", f"exact copy of long, which failed: {failed['long'][1]}")
     assert all(r["reason"] != "exact" for r in res.removed)
     _accounted(res, [d["id"] for d in docs])
+
+
+def test_duplicate_ids_across_shards_stop_the_run_before_any_embedding(tmp_path, tiny_bert):
+    from semdedup_core.sources import InputError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"id": "x1", "text": "w1 a"}\n{"id": "same", "text": "w2 b"}\n')
+    (data / "b.jsonl").write_text('{"id": "same", "text": "w3 c"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        run_raw(raw_config([data], out, model=str(tiny_bert)))
+    message = str(info.value)
+    assert "duplicate id 'same'" in message and f"{data / 'a.jsonl'} line 2" in message and f"{data / 'b.jsonl'} line 1" in message
+    assert not (out / "embeddings").exists()
