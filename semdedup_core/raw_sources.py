@@ -39,6 +39,7 @@ from pydantic import BaseModel
 from .config import RunConfig
 from .sources import (
     InputError,
+    _check_metadata_types,
     _open_parquet,
     canonical_id,
     canonical_id_array,
@@ -217,6 +218,7 @@ def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
     missing = [m for m in _metadata_names(cfg) if m not in names]
     if missing:
         raise InputError(f"{url}: missing metadata column(s) {', '.join(missing)}; has {', '.join(names)}")
+    _check_metadata_types(url, schema, cfg)
     id_column = cfg.id_column or ("id" if "id" in names else None)
     return RawShard(index=index, kind="parquet", url=url, modality=modality, id_column=id_column, content_column=column)
 
@@ -486,9 +488,10 @@ def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
                 item.error = f"line is a JSON {type(record).__name__}, expected an object"
                 yield item
                 continue
-            value = record.get(shard.id_column)
-            if value is not None:
-                item_id, problem = canonical_id(value)
+            # No id field: the line names the item (an error if --id-column named the field). A
+            # null id fails the item under that name, as a null in a parquet id column does.
+            if shard.id_column in record:
+                item_id, problem = canonical_id(record[shard.id_column])
                 if problem is not None:
                     item.error = f"id field {shard.id_column!r} {problem}"
                 else:

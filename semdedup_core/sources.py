@@ -68,6 +68,8 @@ def canonical_id_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def canonical_id(value) -> tuple[str | None, str | None]:
     """A Python id (a JSON value) in canonical form, or None and why it cannot be an id."""
+    if value is None:
+        return None, "is null"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None, f"is a {_json_type(value)}; {ID_TYPES}"
     text = str(value)
@@ -76,7 +78,7 @@ def canonical_id(value) -> tuple[str | None, str | None]:
 
 
 def _json_type(value) -> str:
-    names = {bool: "boolean", float: "number with a fraction or exponent", dict: "JSON object", list: "JSON array", type(None): "null"}
+    names = {bool: "boolean", float: "number with a fraction or exponent", dict: "JSON object", list: "JSON array"}
     return names.get(type(value), type(value).__name__)
 
 

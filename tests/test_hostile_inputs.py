@@ -121,9 +121,9 @@ def _jsonl_expectation(url: str, lines: list[bytes]) -> tuple[list[str], set[str
             fail.add(synthetic)
             continue
         value, bad = record.get("id"), False
-        if value is None:
+        if "id" not in record:
             item_id = synthetic
-        elif isinstance(value, bool) or not isinstance(value, (str, int)) or not _unicode_ok(str(value)):
+        elif value is None or isinstance(value, bool) or not isinstance(value, (str, int)) or not _unicode_ok(str(value)):
             item_id, bad = synthetic, True
         else:
             item_id = str(value)
