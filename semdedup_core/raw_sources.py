@@ -200,6 +200,8 @@ def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
         if _modality(cfg, "text") != "text":
             raise InputError(f"{url}: jsonl inputs hold text; modality 'image' is not supported for them")
         compression = infer_compression(url)
+        if compression is not None and compression not in COMPRESSION_MODULES:
+            raise InputError(f"{url}: {compression} compression is not supported for jsonl (gz, bz2, xz and zst are)")
         if compression is not None and importlib.util.find_spec(COMPRESSION_MODULES[compression]) is None:
             raise InputError(f"{url}: reading {compression} needs the {COMPRESSION_MODULES[compression]!r} package, which is not installed")
         return RawShard(index=index, kind="jsonl", url=url, modality="text", id_column=cfg.id_column or "id", content_column=cfg.text_column)

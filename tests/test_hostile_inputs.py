@@ -499,3 +499,58 @@ def test_webdataset_text_any_member_names_and_texts(tmp_path_factory, tiny_bert,
         with tarfile.open(out / sub / path.name) as tf:
             keys = [m.name.rsplit(".", 1)[0] for m in tf.getmembers()]
         assert sorted(keys) == sorted(r["id"] for r in wanted)
+
+
+def test_wrong_lengths_fail_alone_in_any_shard(tmp_path):
+    """The dimension is agreed across shards: a shard whose first row is short, a one-row shard
+    of another length and a shard with one long row all keep their other rows."""
+    rng = np.random.default_rng(3)
+
+    def rows(n: int) -> list[list[float]]:
+        return [list(map(float, v)) for v in rng.standard_normal((n, DIM))]
+
+    a, b, c = rows(10), [list(map(float, rng.standard_normal(5)))], rows(3)
+    a[0] = a[0][:5]
+    c[1] = c[1] + c[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, vectors in (("a", a), ("b", b), ("c", c)):
+        ids = [f"{name}{i}" for i in range(len(vectors))]
+        pq.write_table(pa.table({"id": ids, "embedding": pa.array(vectors, pa.list_(pa.float32()))}), data / f"{name}.parquet")
+    res = run_raw(raw_config([data], tmp_path / "out", clusters=2))
+    assert {r["id"]: r["error"] for r in res.failed} == {
+        "a0": "embedding has 5 values, expected 8",
+        "b0": "embedding has 5 values, expected 8",
+        "c1": "embedding has 16 values, expected 8",
+    }
+    assert len(res.kept) + len(res.removed) == 11
+
+
+def test_unsupported_compression_is_refused_before_work(tmp_path, tiny_bert):
+    path = tmp_path / "data" / "t.jsonl.zip"
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04")
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        run_raw(raw_config([path], out, model=str(tiny_bert), format="jsonl", clusters=1))
+    assert str(info.value) == f"{path}: zip compression is not supported for jsonl (gz, bz2, xz and zst are)"
+    _refused_before_writing(info.value, out)
+
+
+def test_an_image_file_name_that_is_not_utf8_fails_that_image(tmp_path, tiny_clip):
+    import os
+
+    from .conftest import png_bytes
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    names = [b"ok0.png", b"bad\xff.png", b"ok1.png", b"ok2.png"]
+    for name in names:
+        Path(os.fsdecode(bytes(folder) + b"/" + name)).write_bytes(png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    out = tmp_path / "out"
+    res = run_raw(raw_config([folder], out, model=tiny_clip, clusters=1, write_dataset=True))
+    assert [(r["id"], r["error"]) for r in res.failed] == [("bad\\udcff.png", "id is not valid Unicode (lone surrogate U+DCFF at character 3)")]
+    assert sorted(r["id"] for r in res.kept + res.removed) == ["ok0.png", "ok1.png", "ok2.png"]
+    listed = (out / "dataset" / "images-00000.txt").read_text().split()
+    assert sorted(listed) == sorted(f"{folder}/{r['id']}" for r in res.kept)
