@@ -356,13 +356,20 @@ BAD_VECTORS = {
     "long": (lambda v: v + [0.5, 0.5], "embedding has 10 values, expected 8"),
     "null": (lambda v: None, "embedding is null"),
 }
+# Valid whatever their scale: normalised, never failed.
+ODD_GOOD_VECTORS = {
+    "huge": lambda v: [x * 1e30 for x in v],
+    "tiny": lambda v: [x * 1e-30 for x in v],
+    "subnormal": lambda v: [x * 1e-42 for x in v],
+}
 
 
 @st.composite
 def embeddings_parquet(draw):
     n_good = draw(st.integers(4, 8))
     bad = draw(st.lists(st.sampled_from(list(BAD_VECTORS)), max_size=3))
-    order = draw(st.permutations(["good"] * n_good + bad))
+    odd = draw(st.lists(st.sampled_from(list(ODD_GOOD_VECTORS)), max_size=2))
+    order = draw(st.permutations(["good"] * n_good + odd + bad))
     id_kind = draw(id_kind_choice)
     ids = None
     if id_kind in ACCEPTED_ID_TYPES:
@@ -379,7 +386,7 @@ def test_precomputed_any_ids_and_vectors(tmp_path_factory, case, seed):
     vectors = []
     for kind in order:
         v = [float(x) for x in rng.standard_normal(DIM)]
-        vectors.append(v if kind == "good" else BAD_VECTORS[kind][0](v))
+        vectors.append(v if kind == "good" else ODD_GOOD_VECTORS[kind](v) if kind in ODD_GOOD_VECTORS else BAD_VECTORS[kind][0](v))
     if id_kind in ACCEPTED_ID_TYPES:
         id_column = pa.array(ids, ACCEPTED_ID_TYPES[id_kind]) if id_kind != "dictionary" else pa.array(ids, pa.string()).dictionary_encode()
     else:
@@ -402,13 +409,13 @@ def test_precomputed_any_ids_and_vectors(tmp_path_factory, case, seed):
             assert "null id" in message or "duplicate id" in message
         _refused_before_writing(info.value, out)
         return
-    fail = {i for i, kind in zip(expected, order) if kind != "good"}
+    fail = {i for i, kind in zip(expected, order) if kind in BAD_VECTORS}
     event(f"ran, {'some' if fail else 'no'} failing items")
     res = run_raw(cfg)
     _check_partition(res, expected, fail, set(expected) - fail)
     errors = {r["id"]: r["error"] for r in res.failed}
     for item_id, kind in zip(expected, order):
-        if kind != "good":
+        if kind in BAD_VECTORS:
             assert BAD_VECTORS[kind][1] in errors[item_id], (kind, errors[item_id])
     for sub, wanted in (("dataset", res.kept), ("removed", res.removed)):
         written = pq.read_table(out / sub / path.name).column("id").to_pylist()
