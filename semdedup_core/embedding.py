@@ -347,7 +347,7 @@ def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]
             "row": pa.concat_arrays([scan_failed.column("row").combine_chunks(), pa.array(failed_rows)]),
             "id": pa.concat_arrays([scan_failed.column("id").combine_chunks(), embed_failed.column("id").combine_chunks()]),
             "source": pa.concat_arrays([scan_failed.column("source").combine_chunks(), embed_failed.column("source").combine_chunks()]),
-            "error": pa.concat_arrays([scan_failed.column("error").combine_chunks(), pa.array([e for _, e in failures], pa.string())]),
+            "error": pa.concat_arrays([scan_failed.column("error").combine_chunks(), pa.array([printable(e) for _, e in failures], pa.string())]),
         }
     )
     return table.sort_by("row").select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)
