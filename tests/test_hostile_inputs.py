@@ -326,21 +326,25 @@ def test_raw_parquet_any_id_column_and_texts(tmp_path_factory, tiny_bert, case, 
             assert sorted(str(v) for v in written.column("id").to_pylist()) == sorted(r["id"] for r in wanted)
 
 
-def test_a_corrupt_row_group_of_raw_parquet_fails_its_rows_only(tmp_path, tiny_bert):
+@pytest.mark.parametrize("column", ["text", "id"])
+def test_a_corrupt_row_group_of_raw_parquet_fails_its_rows_only(tmp_path, tiny_bert, column):
+    """Its rows fail under their ids, or, when the ids are what cannot be read, under FILE:row."""
     path = tmp_path / "data" / "t.parquet"
     path.parent.mkdir()
     table = pa.table({"id": [f"r{i}" for i in range(30)], "text": [f"w{i % 50} w{(i * 7) % 50} z{i}" for i in range(30)]})
     pq.write_table(table, path, row_group_size=10, compression="snappy")
-    meta = pq.ParquetFile(path).metadata.row_group(1).column(1)  # the text pages of rows 10..19
+    meta = pq.ParquetFile(path).metadata.row_group(1).column(table.schema.get_field_index(column))  # rows 10..19
     data = bytearray(path.read_bytes())
     start = meta.data_page_offset
     data[start + 20 : start + 60] = b"\xff" * 40
     path.write_bytes(bytes(data))
     res = run_raw(raw_config([path], tmp_path / "out", model=str(tiny_bert), clusters=2, write_dataset=True))
     failed = {r["id"]: r for r in res.failed}
-    assert set(failed) == {f"r{i}" for i in range(10, 20)}
+    lost = [f"r{i}" if column == "text" else f"{path}:{i}" for i in range(10, 20)]
+    assert set(failed) == set(lost)
     assert all(f["error"].startswith("row group 1 cannot be read (") and "\n" not in f["error"] for f in failed.values())
-    _check_partition(res, [f"r{i}" for i in range(30)], set(failed), {f"r{i}" for i in range(30)} - set(failed))
+    others = {f"r{i}" for i in range(30) if not 10 <= i < 20}
+    _check_partition(res, sorted(others) + lost, set(lost), others)
     assert sorted(pq.read_table(tmp_path / "out" / "dataset" / "t.parquet").column("id").to_pylist()) == sorted(r["id"] for r in res.kept)
 
 
