@@ -30,9 +30,9 @@ from PIL import Image
 from .config import RunConfig
 from .embedders import ImageEmbedder, TextEmbedder, load_embedder
 from .partitions import FAILED_SCHEMA
-from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items
+from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items, synthetic_id
 from .run import RunPlan, default_buckets
-from .sources import Shard, duplicate_id_error, first_duplicate_id
+from .sources import Shard, duplicate_id_error, first_duplicate_id, printable, unicode_problem
 from .storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
 
 HASH_BYTES = 16
@@ -84,6 +84,7 @@ def scan_shard(plan: RunPlan, shard_index: int) -> dict:
     meta = _meta_names(cfg)
     columns: dict[str, list] = {name: [] for name in scan_schema(meta).names}
     for item in scan_items(shard, cfg.metadata_columns):
+        _make_storable(shard, item)
         if item.error is None and shard.modality == "text" and not item.text.strip():
             item.error = "text is empty" if not item.text else "text is only whitespace"
         columns["row"].append(item.row)
@@ -102,6 +103,20 @@ def scan_shard(plan: RunPlan, shard_index: int) -> dict:
     result = {"shard": shard_index, "n_items": table.num_rows, "n_failed": int(n_failed)}
     write_json(done_url, result)
     return result
+
+
+def _make_storable(shard: RawShard, item: ScannedItem) -> None:
+    """Every string of an item becomes UTF-8 in Arrow: an id or text that cannot (a lone
+    surrogate from JSON's escapes, a tar member name that is not UTF-8) fails the item under
+    its synthetic id; names in ``source`` and ``error`` are spelled out with escapes."""
+    if problem := unicode_problem(item.id):
+        item.error = item.error or f"id is not valid Unicode ({problem})"
+        item.id = synthetic_id(shard, item.row) if shard.kind != "images" else printable(item.id)
+    if item.text is not None and (problem := unicode_problem(item.text)):
+        item.error, item.text = item.error or f"text is not valid Unicode ({problem})", None
+    item.source = printable(item.source)
+    if item.error is not None:
+        item.error = printable(item.error)
 
 
 # ---------------------------------------------------------------- exact duplicates
@@ -332,7 +347,7 @@ def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]
             "row": pa.concat_arrays([scan_failed.column("row").combine_chunks(), pa.array(failed_rows)]),
             "id": pa.concat_arrays([scan_failed.column("id").combine_chunks(), embed_failed.column("id").combine_chunks()]),
             "source": pa.concat_arrays([scan_failed.column("source").combine_chunks(), embed_failed.column("source").combine_chunks()]),
-            "error": pa.concat_arrays([scan_failed.column("error").combine_chunks(), pa.array([e for _, e in failures], pa.string())]),
+            "error": pa.concat_arrays([scan_failed.column("error").combine_chunks(), pa.array([printable(e) for _, e in failures], pa.string())]),
         }
     )
     return table.sort_by("row").select(FAILED_SCHEMA.names).cast(FAILED_SCHEMA)

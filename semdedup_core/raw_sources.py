@@ -17,21 +17,39 @@ live, so the embedder reads exactly those bytes back (:func:`read_payloads`).
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import importlib.util
 import json
 import lzma
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.utils import infer_compression
 from pydantic import BaseModel
 
 from .config import RunConfig
-from .sources import InputError, _open_parquet
+from .sources import (
+    InputError,
+    _check_metadata_types,
+    _open_parquet,
+    canonical_id,
+    canonical_id_array,
+    check_id_type,
+    check_url_text,
+    one_line,
+    printable,
+    unicode_problem,
+    utf8_values,
+)
 from .storage import expand_input, filesystem, with_retries
 
 RAW_FORMATS = ("webdataset", "parquet", "jsonl", "images")
@@ -40,6 +58,10 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz"
 # Image folders are cut into shards of this many files, one embedding task each.
 IMAGES_PER_SHARD = 10_000
 SCAN_BATCH_ROWS = 8192
+# Compressed jsonl is decompressed this many input bytes at a time.
+READ_CHUNK_BYTES = 1 << 20
+# fsspec's name for each compression of JSONL_SUFFIXES -> the module that reads and writes it.
+COMPRESSION_MODULES = {"gzip": "zlib", "bz2": "bz2", "xz": "lzma", "zstd": "zstandard"}
 
 
 class RawShard(BaseModel):
@@ -131,6 +153,7 @@ def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
             if not files:
                 raise InputError(f"{entry}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             base = root if root is not None else _common_folder(files)
+            check_url_text(base)
             for start in range(0, len(files), IMAGES_PER_SHARD):
                 part = files[start : start + IMAGES_PER_SHARD]
                 shards.append(RawShard(index=len(shards), kind="images", url=base, modality="image", files=part))
@@ -141,6 +164,7 @@ def discover_raw_shards(cfg: RunConfig, fmt: str) -> list[RawShard]:
         if not files:
             raise InputError(f"{entry}: no input files match")
         for url in files:
+            check_url_text(url)
             shards.append(_raw_shard(url, len(shards), fmt, cfg))
     seen: set[str] = set()
     for s in shards:
@@ -175,9 +199,15 @@ def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
     if fmt == "jsonl":
         if _modality(cfg, "text") != "text":
             raise InputError(f"{url}: jsonl inputs hold text; modality 'image' is not supported for them")
+        compression = infer_compression(url)
+        if compression is not None and compression not in COMPRESSION_MODULES:
+            raise InputError(f"{url}: {compression} compression is not supported for jsonl (gz, bz2, xz and zst are)")
+        if compression is not None and importlib.util.find_spec(COMPRESSION_MODULES[compression]) is None:
+            raise InputError(f"{url}: reading {compression} needs the {COMPRESSION_MODULES[compression]!r} package, which is not installed")
         return RawShard(index=index, kind="jsonl", url=url, modality="text", id_column=cfg.id_column or "id", content_column=cfg.text_column)
     # parquet: images when the image column is there (or asked for), else text
-    names = _open_parquet(url).schema_arrow.names
+    schema = _open_parquet(url).schema_arrow
+    names = schema.names
     modality = cfg.modality if cfg.modality != "auto" else ("image" if cfg.image_column in names else "text")
     column = cfg.image_column if modality == "image" else cfg.text_column
     if column not in names:
@@ -185,9 +215,12 @@ def _raw_shard(url: str, index: int, fmt: str, cfg: RunConfig) -> RawShard:
         raise InputError(f"{url}: no {what} column {column!r}; has {', '.join(names)} (name it with --{'image' if modality == 'image' else 'text'}-column)")
     if cfg.id_column is not None and cfg.id_column not in names:
         raise InputError(f"{url}: missing id column {cfg.id_column!r}; has {', '.join(names)}")
+    if cfg.id_column is not None or "id" in names:
+        check_id_type(url, cfg.id_column or "id", schema.field(cfg.id_column or "id").type)
     missing = [m for m in _metadata_names(cfg) if m not in names]
     if missing:
         raise InputError(f"{url}: missing metadata column(s) {', '.join(missing)}; has {', '.join(names)}")
+    _check_metadata_types(url, schema, cfg)
     id_column = cfg.id_column or ("id" if "id" in names else None)
     return RawShard(index=index, kind="parquet", url=url, modality=modality, id_column=id_column, content_column=column)
 
@@ -279,7 +312,7 @@ def _scan_tar(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
     try:
         fh = with_retries("open", shard.url, lambda: fs.open(path, "rb"))
     except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable
-        yield unreadable_shard(shard, f"{type(exc).__name__}: {exc}")
+        yield unreadable_shard(shard, one_line(exc))
         return
     row = 0
     key: str | None = None
@@ -304,7 +337,7 @@ def _scan_tar(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
         except (tarfile.TarError, EOFError, OSError) as exc:
             where = f"in member {current.name}" if current is not None else f"after {row + (key is not None)} samples"
             if row == 0 and key is None and current is None:
-                yield unreadable_shard(shard, f"not a tar ({type(exc).__name__}: {exc})")
+                yield unreadable_shard(shard, f"not a tar ({one_line(exc)})")
                 return
             # A tar cut off mid-member: the samples before are fine, the one being read is
             # failed, and nothing after it can be known.
@@ -327,84 +360,144 @@ def _end_of_archive(fh, offset: int) -> bool:
     return fh.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
 
 
-def parquet_ids(shard_url: str, id_column: str | None, batch: pa.RecordBatch, start: int) -> list[str]:
-    """Ids of a parquet batch: the id column as strings, or "<url>:<row>"."""
-    if id_column is None:
-        return [f"{shard_url}:{r}" for r in range(start, start + batch.num_rows)]
-    column = batch.column(batch.schema.get_field_index(id_column))
-    if column.null_count:
-        row = start + next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
-        raise InputError(f"{shard_url}: row {row} has a null id in column {id_column!r}")
-    return [str(v) for v in column.to_pylist()]
+def synthetic_id(shard: RawShard, row: int) -> str:
+    """The id of an item whose own id is missing or unusable: where it is, as in ``source``
+    (jsonl lines count from 1)."""
+    return f"{shard.url}:{row + 1 if shard.kind == 'jsonl' else row}"
 
 
-def _image_bytes(value) -> bytes | None:
-    """Bytes of an image cell: binary, or a struct with 'bytes' (Hugging Face datasets' Image)."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    return value
+def _parquet_ids(shard: RawShard, column: pa.Array, start: int) -> list[tuple[str, str | None]]:
+    """(id, None), or (synthetic id, why) for a null or non-UTF-8 id, per row of a batch."""
+    out = []
+    for r, (value, problem) in enumerate(utf8_values(canonical_id_array(column)), start=start):
+        if value is None:
+            out.append((synthetic_id(shard, r), f"id in column {shard.id_column!r} {problem or 'is null'}"))
+        else:
+            out.append((value, None))
+    return out
+
+
+def _image_bytes_column(column: pa.Array) -> pa.Array:
+    """The bytes of an image column: binary, or the 'bytes' field of a struct (Hugging Face
+    datasets' Image), read without the struct's other fields."""
+    if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        return pc.struct_field(column, "bytes")
+    return column
+
+
+def _text_values(column: pa.Array) -> list[tuple[str | None, str | None]]:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or (
+        pa.types.is_dictionary(column.type) and pa.types.is_string(column.type.value_type)
+    ):
+        return utf8_values(column)
+    return [(None, None) if v is None else (None, f"is not text ({type(v).__name__})") for v in column.to_pylist()]
+
+
+def _parquet_items(shard: RawShard, meta: list[str], batch: pa.RecordBatch, start: int) -> Iterator[ScannedItem]:
+    def column(name: str) -> pa.Array:
+        return batch.column(batch.schema.get_field_index(name))
+
+    n = batch.num_rows
+    ids = _parquet_ids(shard, column(shard.id_column), start) if shard.id_column else [(synthetic_id(shard, r), None) for r in range(start, start + n)]
+    content = column(shard.content_column)
+    if shard.modality == "image":
+        data = _image_bytes_column(content)
+        binary = pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type) or pa.types.is_fixed_size_binary(data.type)
+        values = [(v, None) for v in data.to_pylist()] if binary else [(None, f"is not image bytes ({data.type})")] * n
+    else:
+        values = _text_values(content)
+    meta_values = {m: column(m).to_pylist() for m in meta}
+    for i, ((item_id, id_error), (value, problem)) in enumerate(zip(ids, values)):
+        item = ScannedItem(row=start + i, id=item_id, source=f"{shard.url} row {start + i}", error=id_error)
+        if item.error is not None:
+            pass
+        elif problem is not None:
+            item.error = f"{shard.content_column} {problem}"
+        elif value is None:
+            item.error = f"{shard.content_column} is null"
+        elif shard.modality == "image":
+            if not value:
+                item.error = f"{shard.content_column} is empty (0 bytes)"
+            else:
+                item.content = value
+        else:
+            item.text = value
+        if meta and item.error is None:
+            _take_metadata(item, {m: meta_values[m][i] for m in meta}, meta)
+        yield item
 
 
 def _scan_parquet(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
+    """Row group by row group: the rows of a group that cannot be read fail (with their ids when
+    the id column still reads), the other groups count."""
     pf = _open_parquet(shard.url)
     columns = list(dict.fromkeys(c for c in (shard.id_column, shard.content_column, *meta) if c))
     start = 0
-    for batch in pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns):
-        ids = parquet_ids(shard.url, shard.id_column, batch, start)
-        content = batch.column(batch.schema.get_field_index(shard.content_column)).to_pylist()
-        meta_values = {m: batch.column(batch.schema.get_field_index(m)).to_pylist() for m in meta}
-        for i, value in enumerate(content):
-            item = ScannedItem(row=start + i, id=ids[i], source=f"{shard.url} row {start + i}")
-            if shard.modality == "image":
-                data = _image_bytes(value)
-                if data is None:
-                    item.error = f"{shard.content_column} is null"
-                elif not data:
-                    item.error = f"{shard.content_column} is empty (0 bytes)"
-                else:
-                    item.content = data
-            elif value is None:
-                item.error = f"{shard.content_column} is null"
-            elif not isinstance(value, str):
-                item.error = f"{shard.content_column} is not text ({type(value).__name__})"
-            else:
-                item.text = value
-            if meta and item.error is None:
-                _take_metadata(item, {m: meta_values[m][i] for m in meta}, meta)
-            yield item
-        start += batch.num_rows
+    for group in range(pf.num_row_groups):
+        stop = start + pf.metadata.row_group(group).num_rows
+        batches = pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 - a corrupt page fails the rest of its row group
+                yield from _unreadable_rows(shard, pf, group, start, stop, f"row group {group} cannot be read ({one_line(exc)})")
+                break
+            if batch is None:
+                break
+            yield from _parquet_items(shard, meta, batch, start)
+            start += batch.num_rows
+        start = stop
+
+
+def _unreadable_rows(shard: RawShard, pf, group: int, start: int, stop: int, reason: str) -> Iterator[ScannedItem]:
+    group_start = stop - pf.metadata.row_group(group).num_rows
+    ids: list[tuple[str, str | None]] = []
+    if shard.id_column:
+        try:
+            column = pf.read_row_group(group, columns=[shard.id_column]).column(0).combine_chunks()
+            ids = _parquet_ids(shard, column.slice(start - group_start), start)
+        except Exception:  # noqa: BLE001 - the ids are unreadable too: the rows are named by position
+            ids = []
+    for row in range(start, stop):
+        item_id = ids[row - start][0] if ids else synthetic_id(shard, row)
+        yield ScannedItem(row=row, id=item_id, source=f"{shard.url} row {row}", error=reason)
 
 
 def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
     fs, path = filesystem(shard.url)
     try:
-        fh = with_retries("open", shard.url, lambda: fs.open(path, "rb", compression="infer"))
+        fh = with_retries("open", shard.url, lambda: fs.open(path, "rb"))
     except Exception as exc:  # noqa: BLE001 - the whole shard is unreadable
-        yield unreadable_shard(shard, f"{type(exc).__name__}: {exc}")
+        yield unreadable_shard(shard, one_line(exc))
         return
     explicit_id = shard.id_column != "id"
     with fh:
-        for line_no, raw in enumerate(jsonl_lines(fh)):
+        for line_no, raw in enumerate(jsonl_lines(fh, infer_compression(shard.url))):
+            item = ScannedItem(row=line_no, id=synthetic_id(shard, line_no), source=f"{shard.url} line {line_no + 1}")
             if isinstance(raw, Exception):
-                source = f"{shard.url} line {line_no + 1}"
-                yield ScannedItem(row=line_no, id=f"{shard.url}:{line_no + 1}", source=source, error=f"file is cut off or corrupt here ({type(raw).__name__}: {raw})")
+                item.error = f"file is cut off or corrupt here ({one_line(raw)})"
+                yield item
                 return
             if not raw.strip():
                 continue  # blank lines are not items
-            synthetic = f"{shard.url}:{line_no + 1}"  # the line number, as in source
-            item = ScannedItem(row=line_no, id=synthetic, source=f"{shard.url} line {line_no + 1}")
             try:
                 record = json.loads(raw)
-            except ValueError as exc:
-                item.error = f"line is not valid JSON ({exc})"
+            except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
+                item.error = f"line is not valid JSON ({one_line(exc)})"
                 yield item
                 continue
             if not isinstance(record, dict):
                 item.error = f"line is a JSON {type(record).__name__}, expected an object"
                 yield item
                 continue
-            if record.get(shard.id_column) is not None:
-                item.id = str(record[shard.id_column])
+            # No id field: the line names the item (an error if --id-column named the field). A
+            # null id fails the item under that name, as a null in a parquet id column does.
+            if shard.id_column in record:
+                item_id, problem = canonical_id(record[shard.id_column])
+                if problem is not None:
+                    item.error = f"id field {shard.id_column!r} {problem}"
+                else:
+                    item.id = item_id
             elif explicit_id:
                 item.error = f"id field {shard.id_column!r} is missing"
             text = record.get(shard.content_column)
@@ -420,13 +513,87 @@ def _scan_jsonl(shard: RawShard, meta: list[str]) -> Iterator[ScannedItem]:
             yield item
 
 
-def jsonl_lines(fh) -> Iterator[bytes | Exception]:
-    """The lines of a (possibly compressed) file; a truncated or corrupt stream ends with
-    the error instead of raising, so the lines before it are still used."""
+def _decompressor(compression: str):
+    """A fresh decompressor for one stream (gzip member, bz2 stream, xz stream, zstd frame):
+    all have ``decompress``, ``eof`` and ``unused_data``."""
+    if compression == "gzip":
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    if compression == "bz2":
+        return bz2.BZ2Decompressor()
+    if compression == "xz":
+        return lzma.LZMADecompressor()
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+def _decompressed_chunks(fh: BinaryIO, compression: str | None) -> Iterator[bytes]:
+    """The file's bytes, decompressed; concatenated streams are read one after the other. A
+    stream that stops before its end marker raises EOFError after the bytes before the cut."""
+    if compression is None:
+        while chunk := fh.read(READ_CHUNK_BYTES):
+            yield chunk
+        return
+    decompressor, fed = _decompressor(compression), False
+    while chunk := fh.read(READ_CHUNK_BYTES):
+        while chunk:
+            fed = True
+            if out := decompressor.decompress(chunk):
+                yield out
+            chunk = b""
+            if decompressor.eof:  # the next stream, if any, starts in the unused bytes
+                chunk, decompressor, fed = decompressor.unused_data, _decompressor(compression), False
+    if fed and not decompressor.eof:
+        raise EOFError(f"the {compression} stream ends before its end marker (the file is cut off)")
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    if importlib.util.find_spec("zstandard") is not None:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
+
+
+def jsonl_lines(fh: BinaryIO, compression: str | None) -> Iterator[bytes | Exception]:
+    """The lines of a (possibly compressed) file, each with its newline except maybe the last;
+    a truncated or corrupt stream ends with the error instead of raising, so the lines before
+    it are still used (a line cut by the error is not one of them)."""
+    tail: list[bytes] = []  # the line being assembled, in pieces: no quadratic joins for long lines
     try:
-        yield from fh
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        for chunk in _decompressed_chunks(fh, compression):
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                yield b"".join([*tail, chunk[start : end + 1]])
+                tail, start = [], end + 1
+            if start < len(chunk):
+                tail.append(chunk[start:])
+    except _stream_errors() as exc:
         yield exc
+        return
+    if tail:
+        yield b"".join(tail)
+
+
+@contextmanager
+def compressed_writer(fh: BinaryIO, compression: str | None) -> Iterator[BinaryIO]:
+    """Write through the given compression into ``fh`` (left open: the caller commits it)."""
+    if compression is None:
+        yield fh
+        return
+    if compression == "gzip":
+        out = gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0)
+    elif compression == "bz2":
+        out = bz2.BZ2File(fh, "wb")
+    elif compression == "xz":
+        out = lzma.LZMAFile(fh, "wb")
+    else:
+        import zstandard
+
+        out = zstandard.ZstdCompressor().stream_writer(fh, closefd=False)
+    with out:
+        yield out
 
 
 def _scan_images(shard: RawShard) -> Iterator[ScannedItem]:
@@ -474,7 +641,7 @@ def _parquet_payloads(shard: RawShard, rows: np.ndarray) -> Iterator[tuple[int, 
     bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
     groups = np.searchsorted(bounds, rows, side="right") - 1
     for g in np.unique(groups):
-        column = pf.read_row_group(int(g), columns=[shard.content_column]).column(0)
+        column = _image_bytes_column(pf.read_row_group(int(g), columns=[shard.content_column]).column(0).combine_chunks())
         for row in rows[groups == g]:
-            yield int(row), _image_bytes(column[int(row - bounds[g])].as_py()), None
+            yield int(row), column[int(row - bounds[g])].as_py(), None
 

@@ -24,12 +24,11 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from fsspec.compression import compr
 from fsspec.utils import infer_compression
 
-from .raw_sources import RawShard, jsonl_lines, parquet_ids, split_key
+from .raw_sources import RawShard, compressed_writer, jsonl_lines, split_key
 from .run import RunPlan
-from .sources import _open_parquet
+from .sources import InputError, _open_parquet, canonical_id_array, one_line
 from .storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes, write_json
 
 KEPT, REMOVED, FAILED = "kept", "removed", "failed"
@@ -103,17 +102,46 @@ def _write_tar(plan: RunPlan, shard: RawShard, targets, decide, counts: dict[str
 
 
 def _write_parquet(plan: RunPlan, shard: RawShard, targets, decide, counts: dict[str, int]) -> None:
+    """Row group by row group. Raw parquet is decided by row from the scan (an item whose id
+    was unusable is failed under its synthetic id there), so a row group whose rows all
+    failed (unreadable, say) is not read again; precomputed shards by their ids."""
     pf = _open_parquet(shard.url)
+    by_row = None
+    if plan.embeds:
+        scan = read_parquet(plan.layout.scan(shard.index), columns=["row", "id"])
+        by_row = np.full(pf.metadata.num_rows, FAILED, dtype=object)
+        by_row[scan.column("row").to_numpy()] = decide(scan.column("id").combine_chunks())
     with ExitStack() as stack:
         writers = {k: stack.enter_context(parquet_writer(url_of(shard.basename), pf.schema_arrow)) for k, url_of in targets.items()}
         start = 0
-        for batch in pf.iter_batches(batch_size=8192):
-            decisions = decide(pa.array(parquet_ids(shard.url, shard.id_column, batch, start), pa.string()))
-            for k in counts:
-                counts[k] += int((decisions == k).sum())
-            for k, writer in writers.items():
-                writer.write_batch(batch.filter(pa.array(decisions == k)))
-            start += batch.num_rows
+        for group in range(pf.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            if by_row is not None and (by_row[start : start + n] == FAILED).all():
+                counts[FAILED] += n
+                start += n
+                continue
+            for batch in _row_group_batches(pf, group, shard.url):
+                if by_row is None:
+                    decisions = decide(canonical_id_array(batch.column(batch.schema.get_field_index(shard.id_column))))
+                else:
+                    decisions = by_row[start : start + batch.num_rows]
+                for k in counts:
+                    counts[k] += int((decisions == k).sum())
+                for k, writer in writers.items():
+                    writer.write_batch(batch.filter(pa.array(decisions == k)))
+                start += batch.num_rows
+
+
+def _row_group_batches(pf, group: int, url: str):
+    batches = pf.iter_batches(batch_size=8192, row_groups=[group])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # noqa: BLE001 - kept or removed rows that cannot be read back
+            raise InputError(f"{url}: row group {group} cannot be read back to write the dataset ({one_line(exc)})") from exc
+        if batch is None:
+            return
+        yield batch
 
 
 def _write_jsonl(plan: RunPlan, shard: RawShard, targets, decide, counts: dict[str, int]) -> None:
@@ -124,9 +152,9 @@ def _write_jsonl(plan: RunPlan, shard: RawShard, targets, decide, counts: dict[s
     fs, path = filesystem(shard.url)
     compression = infer_compression(shard.url)
     with _outputs(targets, shard.basename) as files, ExitStack() as stack:
-        outs: dict[str, BinaryIO] = {k: stack.enter_context(compr[compression](fh, mode="wb")) if compression else fh for k, fh in files.items()}
-        with fs.open(path, "rb", compression="infer") as fh:
-            for line_no, line in enumerate(jsonl_lines(fh)):
+        outs: dict[str, BinaryIO] = {k: stack.enter_context(compressed_writer(fh, compression)) for k, fh in files.items()}
+        with fs.open(path, "rb") as fh:
+            for line_no, line in enumerate(jsonl_lines(fh, compression)):
                 if isinstance(line, Exception):
                     break  # the rest of a cut-off file is in failed
                 out = outs.get(decision.get(line_no, FAILED))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +35,96 @@ _CLIP_META = re.compile(r"metadata_(\d+)\.parquet$")
 
 class InputError(ValueError):
     """Input that cannot be used: names the shard (and item) and the reason."""
+
+
+# ---------------------------------------------------------------- ids and text that become Arrow strings
+#
+# Every reader, writer and result file compares ids as Arrow strings, so there is one
+# canonical form: string ids as they are, integer ids in decimal. Other types have no
+# faithful text form (1.0 vs "1", bytes, lists) and are refused before any work.
+
+ID_TYPES = "ids must be strings or integers"
+
+
+def id_type_ok(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)
+
+
+def check_id_type(url: str, column: str, typ: pa.DataType) -> None:
+    if not id_type_ok(typ):
+        raise InputError(f"{printable(url)}: id column {column!r} has type {typ}; {ID_TYPES} (cast the column first)")
+
+
+def canonical_id_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """An id column (checked with :func:`check_id_type`) as canonical Arrow strings; nulls stay null."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
+
+
+def canonical_id(value) -> tuple[str | None, str | None]:
+    """A Python id (a JSON value) in canonical form, or None and why it cannot be an id."""
+    if value is None:
+        return None, "is null"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"is a {_json_type(value)}; {ID_TYPES}"
+    text = str(value)
+    problem = unicode_problem(text)
+    return (None, f"is not valid Unicode ({problem})") if problem else (text, None)
+
+
+def _json_type(value) -> str:
+    names = {bool: "boolean", float: "number with a fraction or exponent", dict: "JSON object", list: "JSON array"}
+    return names.get(type(value), type(value).__name__)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why a str cannot be stored as UTF-8 (a lone surrogate, e.g. from JSON's "\\ud800" or a
+    file name decoded with surrogateescape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return None
+
+
+def printable(text: str) -> str:
+    """Text for messages and ``source`` columns: lone surrogates spelled out as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def utf8_values(column: pa.Array) -> list[tuple[str | None, str | None]]:
+    """(str, None), (None, None) for null, or (None, reason) per value of a string column:
+    parquet readers do not check that string columns hold valid UTF-8."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    out: list[tuple[str | None, str | None]] = []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        if raw is None:
+            out.append((None, None))
+            continue
+        try:
+            out.append((raw.decode("utf-8"), None))
+        except UnicodeDecodeError as exc:
+            out.append((None, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+    return out
+
+
+def check_url_text(url: str) -> None:
+    """File names that are not valid UTF-8 cannot name anything in the results."""
+    problem = unicode_problem(url)
+    if problem:
+        raise InputError(f"{printable(url)}: the file name is not valid UTF-8 ({problem}); rename it")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of a message: type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return printable(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
 
 
 class Shard(BaseModel):
@@ -70,10 +161,14 @@ class Batch:
 def discover_shards(cfg: RunConfig) -> list[Shard]:
     """Expand the inputs, recognise the format and check each shard's columns and dimension."""
     shards: list[Shard] = []
+    lengths: dict[int, Counter] = {}  # shard index -> embedding lengths of its sampled rows
+    uniform: set[int] = set()  # shards whose rows all have one length (clip-retrieval, fixed-size lists)
     for entry in cfg.input:
         fmt = cfg.format
         if fmt in ("auto", "clip-retrieval") and _is_clip_folder(entry):
             found = _discover_clip(entry, cfg, start=len(shards))
+            lengths.update({s.index: Counter({s.dim: s.n_rows}) for s in found})
+            uniform.update(s.index for s in found)
         elif fmt == "clip-retrieval":
             raise InputError(f"{entry}: not a clip-retrieval folder (expected img_emb/img_emb_N.npy and metadata/metadata_N.parquet)")
         else:
@@ -82,7 +177,13 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
                 files = [f for f in files if f.endswith(".parquet")]
             if not files:
                 raise InputError(f"{entry}: no input files match")
-            found = [_discover_parquet(url, cfg, len(shards) + i) for i, url in enumerate(files)]
+            found = []
+            for url in files:
+                index = len(shards) + len(found)
+                shard, lengths[index], fixed = _discover_parquet(url, cfg, index)
+                found.append(shard)
+                if fixed:
+                    uniform.add(index)
         shards.extend(found)
     if not shards:
         raise InputError("no input shards found")
@@ -94,22 +195,49 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
     nonempty = [s for s in shards if s.n_rows]
     if not nonempty:
         raise InputError("the input has no rows")
-    if len({s.dim for s in nonempty}) > 1:
-        first = nonempty[0]
-        other = next(s for s in nonempty if s.dim != first.dim)
-        raise InputError(f"{other.name}: embeddings have dimension {other.dim}, but {first.name} has {first.dim}")
-    return shards
+    dim = _agree_dimension(nonempty, lengths, uniform)
+    return [s.model_copy(update={"dim": dim}) for s in shards]
+
+
+def _agree_dimension(shards: list[Shard], lengths: dict[int, Counter], uniform: set[int]) -> int:
+    """The input's dimension: the most common embedding length over every shard's sample.
+
+    Rows of another length fail one by one, wherever they are (a shard's first row
+    included); a shard is refused only when none of its sampled rows has the input's
+    dimension and at least two agree on another one (or all of its rows have one length:
+    clip-retrieval arrays, fixed-size lists): then it is a shard of another model.
+    """
+    total: Counter = Counter()
+    for s in shards:
+        total.update(lengths[s.index])
+    if not total:
+        raise InputError(f"{shards[0].name}: no embedding in the sampled rows of any shard has values (all null or empty)")
+    dim = min(total, key=lambda n: (-total[n], n))
+    first = next(s for s in shards if lengths[s.index][dim])
+    for s in shards:
+        own = lengths[s.index]
+        if own and not own[dim]:
+            other, count = own.most_common(1)[0]
+            if count >= 2 or s.index in uniform:
+                raise InputError(f"{s.name}: embeddings have dimension {other}, but {first.name} has {dim}")
+    return dim
 
 
 def _open_parquet(url: str) -> pq.ParquetFile:
+    check_url_text(url)
     fs, path = filesystem(url)
     try:
         return with_retries("open", url, lambda: pq.ParquetFile(fs.open(path, "rb")))
     except Exception as exc:  # noqa: BLE001 - any reader error means the shard is unreadable
-        raise InputError(f"{url}: unreadable parquet shard ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{url}: unreadable parquet shard ({one_line(exc)})") from exc
 
 
-def _discover_parquet(url: str, cfg: RunConfig, index: int) -> Shard:
+# Rows per shard whose embedding lengths decide the input's dimension.
+DIMENSION_SAMPLE_ROWS = 4096
+
+
+def _discover_parquet(url: str, cfg: RunConfig, index: int) -> tuple[Shard, Counter, bool]:
+    """The shard, the embedding lengths of its first rows, and whether they are fixed-size lists."""
     pf = _open_parquet(url)
     schema = pf.schema_arrow
     id_col = cfg.id_column or "id"
@@ -123,19 +251,37 @@ def _discover_parquet(url: str, cfg: RunConfig, index: int) -> Shard:
                 " raw text needs a text column, images an image-bytes column: --text-column/--image-column)"
             )
         raise InputError(f"{url}: missing column(s) {', '.join(missing)}; has {', '.join(schema.names)}{hint}")
+    check_id_type(url, id_col, schema.field(id_col).type)
     emb_type = schema.field(cfg.embedding_column).type
     if not (pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type) or pa.types.is_fixed_size_list(emb_type)) or not pa.types.is_floating(
         emb_type.value_type
     ):
         raise InputError(f"{url}: column {cfg.embedding_column!r} has type {emb_type}, expected a list of floats")
     _check_metadata_types(url, schema, cfg)
+    n_rows = pf.metadata.num_rows
     if pa.types.is_fixed_size_list(emb_type):
-        dim = emb_type.list_size
+        lengths = Counter({emb_type.list_size: n_rows}) if emb_type.list_size and n_rows else Counter()
     else:
-        dim = _first_list_length(pf, cfg.embedding_column, url)
-    return Shard(
-        index=index, kind="parquet", url=url, n_rows=pf.metadata.num_rows, dim=dim, id_column=id_col, embedding_column=cfg.embedding_column
-    )
+        lengths = _sample_lengths(pf, cfg.embedding_column, url)
+    dim = lengths.most_common(1)[0][0] if lengths else 0
+    shard = Shard(index=index, kind="parquet", url=url, n_rows=n_rows, dim=dim, id_column=id_col, embedding_column=cfg.embedding_column)
+    return shard, lengths, pa.types.is_fixed_size_list(emb_type)
+
+
+def _sample_lengths(pf: pq.ParquetFile, column: str, url: str) -> Counter:
+    """How many of the first rows have each (non-zero) embedding length."""
+    lengths: Counter = Counter()
+    seen = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+            values = pc.list_value_length(batch.column(0)).drop_null().to_numpy(zero_copy_only=False)
+            lengths.update(int(n) for n in values[values > 0])
+            seen += batch.num_rows
+            if seen >= DIMENSION_SAMPLE_ROWS:
+                break
+    except Exception as exc:  # noqa: BLE001 - a corrupt page: the shard cannot be read
+        raise InputError(f"{url}: unreadable parquet data in column {column!r} ({one_line(exc)})") from exc
+    return lengths
 
 
 def _metadata_names(cfg: RunConfig) -> list[str]:
@@ -147,16 +293,6 @@ def _check_metadata_types(url: str, schema: pa.Schema, cfg: RunConfig) -> None:
         typ = schema.field(name).type
         if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
             raise InputError(f"{url}: metadata column {name!r} has type {typ}; keep='metadata' needs numbers")
-
-
-def _first_list_length(pf: pq.ParquetFile, column: str, url: str) -> int:
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
-        lengths = pc.list_value_length(batch.column(0)).drop_null()
-        if len(lengths):
-            return int(lengths[0].as_py())
-    if pf.metadata.num_rows:
-        raise InputError(f"{url}: every embedding is null")
-    return 0
 
 
 def _is_clip_folder(url: str) -> bool:
@@ -188,6 +324,8 @@ def _discover_clip(root: str, cfg: RunConfig, start: int) -> list[Shard]:
             id_col = cfg.id_column
         else:
             id_col = next((c for c in CLIP_ID_CANDIDATES if c in names), None)
+        if id_col is not None:
+            check_id_type(meta_url, id_col, pf.schema_arrow.field(id_col).type)
         missing = [c for c in _metadata_names(cfg) if c not in names]
         if missing:
             raise InputError(f"{meta_url}: missing metadata column(s) {', '.join(missing)}; has {', '.join(names)}")
@@ -209,7 +347,7 @@ def _npy_header(url: str) -> tuple[tuple[int, ...], np.dtype, int]:
             offset = fh.tell()
         size = fs.size(path)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{url}: unreadable .npy shard ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{url}: unreadable .npy shard ({one_line(exc)})") from exc
     if fortran:
         raise InputError(f"{url}: Fortran-ordered .npy is not supported")
     expected = offset + int(np.prod(shape)) * dtype.itemsize
@@ -227,8 +365,16 @@ def read_ids(shard: Shard) -> pa.Array:
     if shard.id_column is None:
         return _synthetic_ids(shard, 0, shard.n_rows)
     url = shard.metadata_url or shard.url
-    table = _open_parquet(url).read(columns=[shard.id_column])
+    table = _read_parquet_columns(url, [shard.id_column])
     return _ids_as_strings(table.column(0).combine_chunks(), shard, 0)
+
+
+def _read_parquet_columns(url: str, columns: list[str]) -> pa.Table:
+    pf = _open_parquet(url)
+    try:
+        return pf.read(columns=columns)
+    except Exception as exc:  # noqa: BLE001 - a corrupt page: the shard cannot be read
+        raise InputError(f"{url}: unreadable parquet data in column(s) {', '.join(map(repr, columns))} ({one_line(exc)})") from exc
 
 
 def _synthetic_ids(shard: Shard, start: int, stop: int) -> pa.Array:
@@ -237,10 +383,19 @@ def _synthetic_ids(shard: Shard, start: int, stop: int) -> pa.Array:
 
 
 def _ids_as_strings(ids: pa.Array, shard: Shard, start: int) -> pa.Array:
+    """Canonical ids of precomputed rows: a null or non-UTF-8 id refuses the input (at plan time,
+    when :func:`check_unique_ids` reads every id)."""
+    where = f"{shard.metadata_url or shard.name}: row"
     if ids.null_count:
         row = start + int(pc.index(pc.is_null(ids), True).as_py())
-        raise InputError(f"{shard.name}: row {row} has a null id in column {shard.id_column!r}")
-    return ids if pa.types.is_string(ids.type) else pc.cast(ids, pa.string())
+        raise InputError(f"{where} {row} has a null id in column {shard.id_column!r}")
+    ids = canonical_id_array(ids)
+    try:
+        ids.validate(full=True)
+    except pa.ArrowInvalid:
+        row, reason = next((r, e) for r, (_, e) in enumerate(utf8_values(ids)) if e)
+        raise InputError(f"{where} {start + row} has an id in column {shard.id_column!r} that {reason}") from None
+    return ids
 
 
 def first_duplicate_id(per_shard_ids: list[pa.Array]) -> tuple[str, int] | None:
@@ -282,7 +437,14 @@ def _parquet_batches(shard: Shard, batch_rows: int, meta: list[str]) -> Iterator
     pf = _open_parquet(shard.url)
     columns = [shard.id_column, shard.embedding_column, *meta]
     start = 0
-    for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
+    batches = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            rb = next(batches, None)
+        except Exception as exc:  # noqa: BLE001 - a corrupt page: the shard cannot be read
+            raise InputError(f"{shard.name}: unreadable parquet data after row {start} ({one_line(exc)})") from exc
+        if rb is None:
+            return
         ids = _ids_as_strings(rb.column(0), shard, start)
         vectors, bad = _list_to_matrix(rb.column(1), shard.dim)
         metadata = {m: _as_float(rb.column(2 + i)) for i, m in enumerate(meta)}
@@ -317,7 +479,7 @@ def _clip_batches(shard: Shard, batch_rows: int, meta: list[str]) -> Iterator[Ba
     row_bytes = shape[1] * dtype.itemsize
     # The metadata columns needed (ids, ranking columns) are small next to the vectors.
     meta_cols = ([shard.id_column] if shard.id_column else []) + meta
-    table = _open_parquet(shard.metadata_url).read(columns=meta_cols) if meta_cols else None
+    table = _read_parquet_columns(shard.metadata_url, meta_cols) if meta_cols else None
     fs, path = filesystem(shard.url)
     with fs.open(path, "rb") as fh:
         fh.seek(offset)
