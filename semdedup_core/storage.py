@@ -47,6 +47,8 @@ _PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
 # OS errors another attempt cannot fix either: a full disk or quota, a read-only filesystem,
 # a file over the size limit.
 _PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG})
+# Client-side errors no retry can fix (botocore's, named to keep this module free of it).
+_PERMANENT_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "InvalidConfigError", "ProfileNotFound"})
 _GLOB_CHARS = "*?["
 # Temporary files of atomic writes: "<target>.semdedup-tmp-<uuid hex>", beside the target.
 _TEMP_MARK = ".semdedup-tmp-"
@@ -85,15 +87,27 @@ def with_retries(action: str, url: str, operation: Callable[[], _T], attempts: i
             raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             if exc.errno not in _PERMANENT_ERRNOS and attempt < attempts:
+                _forget_cached(url)
                 _back_off(attempt)
                 continue
             tries = "" if exc.errno in _PERMANENT_ERRNOS else f" after {attempts} attempts"
             raise StorageError(f"{url}: {action} failed{tries}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
+            if type(exc).__name__ in _PERMANENT_NAMES:
+                raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}") from exc
             if attempt == attempts:
                 raise StorageError(f"{url}: {action} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+            _forget_cached(url)
             _back_off(attempt)
     raise AssertionError("unreachable")
+
+
+def _forget_cached(url: str) -> None:
+    """Drop what the filesystem cached about ``url`` (listings, ETags): an object rewritten
+    since would otherwise fail every retry (s3fs: FileExpired)."""
+    with suppress(Exception):
+        fs, path = filesystem(url)
+        fs.invalidate_cache(path)
 
 
 def _back_off(attempt: int) -> None:
@@ -220,8 +234,11 @@ def _discard(fh: Any) -> None:
 
 def write_bytes(url: str, data: bytes) -> None:
     def write() -> None:
-        with _atomic_write(url, named_errors=False) as fh:
-            fh.write(data)
+        try:
+            with _atomic_write(url, named_errors=False) as fh:
+                fh.write(data)
+        except FileNotFoundError as exc:  # writing, this is no answer but a missing bucket or folder
+            raise write_error(url, exc) from exc
 
     with_retries("write", url, write)
 
@@ -251,6 +268,8 @@ def create_exclusive(url: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
+        except FileNotFoundError as exc:
+            raise write_error(url, exc, "create") from exc
 
     return with_retries("create", url, create)
 
