@@ -291,15 +291,20 @@ except StorageError as exc:
 
 
 def test_a_full_disk_ends_the_run_with_one_line_naming_the_object(tmp_path, shards):
-    """The file-size limit (RLIMIT_FSIZE) makes every write past 4 KiB fail as a full disk or a
-    quota would: the run ends in a StorageError naming the object it was writing."""
+    """The file-size limit (RLIMIT_FSIZE) makes every write past 64 KiB fail as a full disk or a
+    quota would: run.json fits, the streamed partition vectors (250 KiB a shard) do not; the run
+    ends in a StorageError naming the object it was writing."""
+    rng = np.random.default_rng(8)
+    data = tmp_path / "big"
+    for s in range(2):
+        write_embeddings(data / f"p{s}.parquet", [f"b{s}-{i}" for i in range(2000)], unit_rows(rng, 2000, 32))
     out = tmp_path / "out"
-    cfg = RunConfig(input=[str(shards)], output=str(out), **CFG)
+    cfg = RunConfig(input=[str(data)], output=str(out), **CFG)
     env = {**os.environ, **ONE_THREAD_ENV, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, cfg.model_dump_json(), "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, cfg.model_dump_json(), str(64 * 1024)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     message = proc.stdout.strip().splitlines()[-1]
-    assert message.startswith("STORAGE-ERROR ") and str(out) in message and "File too large" in message, message
+    assert message.startswith("STORAGE-ERROR ") and str(out / "partitions" / "shard-0000") in message and "File too large" in message, message
     assert not [p for p in out.rglob("*") if ".semdedup-tmp-" in p.name]  # the failed write left no temp file
 
 
@@ -320,7 +325,8 @@ def cli_popen(args: list[str], tmp_path: Path, extra: dict[str, str]) -> subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("COLUMNS", "LINES")}
     home = tmp_path / "prefect-home"
     home.mkdir(exist_ok=True)
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
+    # A loaded machine may need more than the default 20 s to start the ephemeral Prefect server.
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
     return subprocess.Popen([*_semdedup_cmd(), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
