@@ -310,6 +310,7 @@ def _clear_run(fs, root: str, names: frozenset[str], keep_embeddings: bool) -> N
         if f not in ("run.json", "lease.json")
         and (is_artifact(f, names) or is_temp_artifact(f, names))
         and not (keep_embeddings and f.split("/", 1)[0] in EMBEDDING_FOLDERS)
+        and not (uses_temp_files(fs) and _through_a_link(root, f))
     ]
     for batch in ([f for f in ours if f.endswith(".json")], [f for f in ours if not f.endswith(".json")]):
         if batch:
@@ -323,10 +324,19 @@ def _clear_run(fs, root: str, names: frozenset[str], keep_embeddings: bool) -> N
                 pass  # absent, or holding files that are not ours
 
 
+def _through_a_link(root: str, relative: str) -> bool:
+    """Whether a local file's folder is reached through a symlink (it may hold anyone's files)."""
+    folder = posixpath.dirname(relative)
+    real_root = os.path.realpath(root)
+    return os.path.realpath(posixpath.join(root, folder)) != (posixpath.join(real_root, folder) if folder else real_root)
+
+
 def _drop_temp_files(root: str, names: frozenset[str]) -> None:
     """Temporary files a killed write of ours left, in the folders we write to only."""
     for folder in ("", *ARTIFACT_FOLDERS):
         directory = posixpath.join(root, folder) if folder else root
+        if folder and _through_a_link(root, posixpath.join(folder, "x")):
+            continue
         try:
             entries = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):

@@ -533,3 +533,20 @@ def test_overlapping_outputs_are_refused_and_disjoint_ones_accepted(shards, a, b
         else:
             check_output(cfg)
         assert data_file.read_bytes() == (shards / "part-0.parquet").read_bytes()
+
+
+def test_fresh_never_deletes_through_a_symlink_in_the_run_folder(tmp_path, shards):
+    out = tmp_path / "run"
+    cfg = RunConfig(input=[str(shards)], output=str(out), **CFG)
+    write_run_json(plan_run(cfg))  # a run of ours was here
+    elsewhere = tmp_path / "my-datasets"
+    elsewhere.mkdir()
+    (elsewhere / "part-0.parquet").write_bytes(b"user's own file, named like a written-back shard")
+    (elsewhere / "kept.parquet").write_bytes(b"user")
+    (out / "dataset").symlink_to(elsewhere, target_is_directory=True)
+    (out / "result").symlink_to(elsewhere, target_is_directory=True)
+    (out / "scores").mkdir()
+    (out / "scores" / "bucket-00000.parquet").write_bytes(b"ours")
+    start_run(plan_run(cfg.model_copy(update={"on_existing": "fresh"})))
+    assert snapshot(elsewhere) == {"part-0.parquet": b"user's own file, named like a written-back shard", "kept.parquet": b"user"}
+    assert not (out / "scores" / "bucket-00000.parquet").exists()
