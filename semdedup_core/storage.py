@@ -364,12 +364,6 @@ def remove(url: str) -> None:
     with_retries("delete", url, rm)
 
 
-def remove_tree(url: str) -> None:
-    fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def _literal_type(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """'file' or 'directory' when ``path`` exists as written (glob characters included), else None."""
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import resource
-import signal
 import socket
 import subprocess
 import sys

@@ -246,7 +246,7 @@ def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(point, big, tmp_path):
     with single_thread():
         summary = run_pipeline(cfg)
     assert not lease_url.exists()
-    assert not [p for p in tree(out) if ".tmp-" in p]
+    assert not [p for p in tree(out) if ".semdedup-tmp-" in p]
     results = RunResults(out)
     assert summary["n_kept"] == results.summary["n_kept"]
     assert results.n_score_files == BIG_CFG["buckets"]
@@ -289,7 +289,7 @@ def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path, monkeypa
     with single_thread():
         run_pipeline(cfg)
     keys = moto_s3.keys(bucket, "run/")
-    assert "run/lease.json" not in keys and not [k for k in keys if ".tmp-" in k]
+    assert "run/lease.json" not in keys and not [k for k in keys if ".semdedup-tmp-" in k]
     results = RunResults(f"s3://{bucket}/run", moto_s3)
     assert results.n_score_files == SMALL_CFG["buckets"]
     assert_same_decisions(results, small["reference"], small["ids"])
