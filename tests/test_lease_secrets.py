@@ -321,7 +321,8 @@ def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("COLUMNS", "LINES")}
     home = tmp_path / "prefect-home"
     home.mkdir(exist_ok=True)
-    env.update(ONE_THREAD_ENV, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONIOENCODING="utf-8")
+    # A loaded machine may need more than the default 20 s to start the ephemeral Prefect server.
+    env.update(ONE_THREAD_ENV, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300", PYTHONIOENCODING="utf-8")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     script = shutil.which("semdedup", path=os.path.dirname(sys.executable))
     cmd = [script] if script else [sys.executable, "-m", "flows.cli"]
