@@ -548,3 +548,26 @@ def test_fresh_never_deletes_through_a_symlink_in_the_run_folder(tmp_path, shard
     start_run(plan_run(cfg.model_copy(update={"on_existing": "fresh"})))
     assert snapshot(elsewhere) == {"part-0.parquet": b"user's own file, named like a written-back shard", "kept.parquet": b"user"}
     assert not (out / "scores" / "bucket-00000.parquet").exists()
+
+
+def test_fresh_on_s3_deletes_only_our_objects(moto_s3, shards):
+    bucket = moto_s3.new_bucket("fresh")
+    for f in sorted(shards.iterdir()):
+        moto_s3.upload(f, bucket, f"in/{f.name}")
+    cfg = RunConfig(input=[f"s3://{bucket}/in/*.parquet"], output=f"s3://{bucket}/run", **CFG)
+    # someone else's objects under a prefix: a run there is refused, fresh or not, and deletes nothing
+    moto_s3.client.put_object(Bucket=bucket, Key="theirs/data.csv", Body=b"a,b")
+    for mode in ("resume", "fresh"):
+        with pytest.raises(ConfigError, match="holds no semdedup run"):
+            plan_run(cfg.model_copy(update={"output": f"s3://{bucket}/theirs", "on_existing": mode}))
+    assert moto_s3.get(bucket, "theirs/data.csv") == b"a,b"
+    with single_thread():
+        run_pipeline(cfg)
+    moto_s3.client.put_object(Bucket=bucket, Key="run/notes.txt", Body=b"mine")
+    moto_s3.client.put_object(Bucket=bucket, Key="run/scores/bucket-1.parquet", Body=b"mine too")
+    with single_thread():
+        summary = run_pipeline(cfg.model_copy(update={"eps": 0.3, "on_existing": "fresh"}))
+    assert summary["eps"] == 0.3
+    keys = moto_s3.keys(bucket, "run/")
+    assert moto_s3.get(bucket, "run/notes.txt") == b"mine" and moto_s3.get(bucket, "run/scores/bucket-1.parquet") == b"mine too"
+    assert sorted(k for k in keys if k.startswith("run/scores/bucket-0")) == [f"run/scores/bucket-0000{b}.{e}" for b in range(2) for e in ("json", "parquet")]
