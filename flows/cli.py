@@ -127,7 +127,7 @@ def execute(cfg: RunConfig, verbose: bool = False) -> dict:
     if cfg.storage_block is None:  # a block's options load inside the flow, where Prefect runs
         try:
             plan_run(cfg)
-        except refusals as exc:
+        except (*refusals, StorageError) as exc:
             _fail(str(exc))
     from flows.dedup_flow import semdedup_flow
 

@@ -2,9 +2,53 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 from dataclasses import dataclass
 
-from .storage import join
+from .storage import join, temp_target
+
+_SHARD = r"shard-\d{5,}"
+_BUCKET = r"bucket-\d{5,}"
+# Every file a run writes, by folder ("" is the run folder itself). Written-back datasets are
+# named after the input files, so those two folders are matched against the run's inputs.
+_ARTIFACTS = {
+    "": re.compile(r"run\.json|lease\.json"),
+    "scan": re.compile(rf"{_SHARD}\.(?:parquet|json)"),
+    "exact": re.compile(r"duplicates\.parquet|index\.json"),
+    "embeddings": re.compile(rf"{_SHARD}(?:\.failed)?\.parquet|{_SHARD}\.json"),
+    "clustering": re.compile(r"centroids\.npy|bucket_of_cluster\.npy|fit\.json"),
+    "partitions": re.compile(rf"{_SHARD}(?:\.parquet|\.f32|\.failed\.parquet|\.json)|index\.json|cluster_sizes\.npy"),
+    "tuning": re.compile(r"curve\.parquet|result\.json"),
+    "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json)"),
+    "result": re.compile(r"(?:kept|removed|failed)\.parquet|summary\.json"),
+    "report": re.compile(r"index\.html"),
+    "written": re.compile(rf"{_SHARD}\.json"),
+}
+_DATASET_FOLDERS = ("dataset", "removed")
+_IMAGE_LIST = re.compile(r"images-\d{5,}\.txt")
+# What on_existing='reuse-embeddings' keeps of an earlier run.
+EMBEDDING_FOLDERS = ("scan", "exact", "embeddings")
+ARTIFACT_FOLDERS = tuple(f for f in _ARTIFACTS if f) + _DATASET_FOLDERS
+
+
+def is_artifact(relative: str, dataset_names: frozenset[str] = frozenset()) -> bool:
+    """Whether ``relative`` (a path inside a run folder) is a file a run of ours writes there.
+
+    ``dataset_names``: the input file names the run writes back under dataset/ and removed/.
+    """
+    folder, name = posixpath.split(relative)
+    if folder in _DATASET_FOLDERS:
+        return name in dataset_names or _IMAGE_LIST.fullmatch(name) is not None
+    pattern = _ARTIFACTS.get(folder)
+    return pattern is not None and pattern.fullmatch(name) is not None
+
+
+def is_temp_artifact(relative: str, dataset_names: frozenset[str] = frozenset()) -> bool:
+    """Whether ``relative`` is a temporary file an interrupted write of one of our artifacts left."""
+    folder, name = posixpath.split(relative)
+    target = temp_target(name)
+    return target is not None and is_artifact(posixpath.join(folder, target), dataset_names)
 
 
 @dataclass(frozen=True)

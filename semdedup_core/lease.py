@@ -4,21 +4,30 @@
 on S3), so of two runs starting together exactly one gets it. The holder renews it in a
 background thread; a run that dies stops renewing, and once the lease has expired the
 next run takes it over (at once when the holder was a process on this host that no
-longer exists). A run that finds a live lease held by another is refused.
+longer exists). A holder on another host cannot be checked from here: a run waits for its
+lease to expire or be released, for a bounded time (``SEMDEDUP_LEASE_WAIT`` seconds, default
+twice the TTL; 0: refuse at once). A run whose lease is held by a live process of this host,
+or by one that keeps renewing past the wait, is refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 
+from .config import ConfigError
 from .storage import create_exclusive, read_json, remove, write_json
 
 DEFAULT_TTL_SECONDS = float(os.environ.get("SEMDEDUP_LEASE_TTL", "120"))
+# How far past a waited-for lease's expiry to look again (clocks of two hosts differ a little).
+_EXPIRY_MARGIN_S = 1.0
+_RACES = 3  # leases released or taken over between our create and read, before giving up
+log = logging.getLogger(__name__)
 
 
 class LeaseError(RuntimeError):
@@ -30,17 +39,44 @@ def describe_holder(record: dict) -> str:
     return f"run {record.get('owner', '?')} on {record.get('host', '?')} pid {record.get('pid', '?')}, lease valid for {max(0.0, left):.0f} more seconds"
 
 
+def wait_bound(ttl: float) -> float:
+    """Seconds a run waits for a lease held on another host: SEMDEDUP_LEASE_WAIT, else 2 x TTL."""
+    value = os.environ.get("SEMDEDUP_LEASE_WAIT", "").strip()
+    if not value:
+        return 2 * ttl
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"SEMDEDUP_LEASE_WAIT={value!r}: expected a number of seconds >= 0")
+    return seconds
+
+
+def _alive_here(record: dict) -> bool:
+    """Held by a process of this host that still exists: it renews, waiting is pointless."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _worth_waiting(record: dict, until: float) -> bool:
+    """Whether a live lease may expire before ``until`` (time.time()) and free the output."""
+    return not _alive_here(record) and record.get("expires", 0) <= until
+
+
 def is_live(record: dict) -> bool:
     """Unexpired, and not held by a process of this host that has died (e.g. kill -9)."""
     if record.get("expires", 0) <= time.time():
         return False
     if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        try:
-            os.kill(record["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by someone else
+        return _alive_here(record)
     return True
 
 
@@ -56,11 +92,16 @@ def read_lease(url: str) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
-def check_free(url: str) -> None:
-    """Raise LeaseError if a live lease is held at ``url`` (a read-only check)."""
+def _refusal(url: str, record: dict) -> LeaseError:
+    return LeaseError(f"{url} is held by another {describe_holder(record)}; wait for it, or for the lease to expire if that run died")
+
+
+def check_free(url: str, ttl: float = DEFAULT_TTL_SECONDS) -> None:
+    """Raise LeaseError if a live lease is held at ``url`` that a run starting now would not
+    wait out (a read-only check)."""
     record = read_lease(url)
-    if record is not None and is_live(record):
-        raise LeaseError(f"{url} is held by another {describe_holder(record)}; wait for it, or for the lease to expire if that run died")
+    if record is not None and is_live(record) and not _worth_waiting(record, time.time() + wait_bound(ttl)):
+        raise _refusal(url, record)
 
 
 class Lease:
@@ -78,23 +119,30 @@ class Lease:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + self.ttl}
 
     def acquire(self) -> Lease:
-        for _ in range(3):
-            if create_exclusive(self.url, json.dumps(self._record()).encode()):
-                break
+        deadline = time.time() + wait_bound(self.ttl)
+        announced = False
+        races = 0
+        while not create_exclusive(self.url, json.dumps(self._record()).encode()):
             current = read_lease(self.url)
-            if current is None:
-                continue  # released between our create and read: try again
-            if current.get("owner") == self.owner:
+            if current is not None and current.get("owner") == self.owner:
                 break  # our create went through but its answer was lost, and a retry saw it
-            if is_live(current):
-                raise LeaseError(f"{self.url} is held by another {describe_holder(current)}; wait for it, or for the lease to expire if that run died")
-            # Stale: its run stopped renewing or its process is gone. Re-check just before deleting, so a lease that
-            # another run renewed or took over in the meantime is left alone.
-            if (read_lease(self.url) or {}).get("owner") == current.get("owner"):
-                self.took_over = current
-                remove(self.url)
-        else:
-            raise LeaseError(f"{self.url}: could not take the lease (other runs keep taking it)")
+            if current is None or not is_live(current):
+                races += 1
+                if races > _RACES:
+                    raise LeaseError(f"{self.url}: could not take the lease (other runs keep taking it)")
+                # Stale: its run stopped renewing or its process is gone. Re-check just before deleting, so a lease
+                # that another run renewed or took over in the meantime is left alone.
+                if current is not None and (read_lease(self.url) or {}).get("owner") == current.get("owner"):
+                    self.took_over = current
+                    remove(self.url)
+                continue
+            if not _worth_waiting(current, deadline):
+                raise _refusal(self.url, current)
+            if not announced:
+                log.warning("%s is held by %s on another host; waiting up to %.0f s for it to expire or be released", self.url, describe_holder(current), deadline - time.time())
+                announced = True
+            poll = max(0.2, min(5.0, self.ttl / 4))
+            time.sleep(max(0.0, min(current["expires"] + _EXPIRY_MARGIN_S - time.time(), poll, deadline - time.time())))
         self._thread = threading.Thread(target=self._renew, name="semdedup-lease", daemon=True)
         self._thread.start()
         return self

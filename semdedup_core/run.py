@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import importlib.metadata
 import math
+import os
 import platform
 import posixpath
 import time
@@ -15,19 +17,27 @@ from pydantic import BaseModel
 
 from .config import ConfigError, RunConfig
 from .kernel import resolve_device
-from .layout import RunLayout
-from .lease import check_free
+from .layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
+from .lease import check_free, read_lease
 from .raw_sources import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
 from .sources import InputError, Shard, check_unique_ids, discover_shards
-from .storage import exists, filesystem, read_json, uses_temp_files, write_json
+from .storage import (
+    bucket_exists,
+    digest,
+    filesystem,
+    fingerprints,
+    has_buckets,
+    path_kind,
+    read_json,
+    uses_temp_files,
+    with_retries,
+    write_json,
+)
 
 RUN_FORMAT_VERSION = 1
 MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
 TARGET_BUCKET_BYTES = 128 * 2**20
-
-
-# What on_existing='reuse-embeddings' keeps of an earlier run.
-EMBEDDING_ARTIFACTS = ("scan", "exact", "embeddings")
+_GLOB_CHARS = "*?["
 
 
 class RunPlan(BaseModel):
@@ -43,6 +53,9 @@ class RunPlan(BaseModel):
     shards: list[Shard]
     sources: list[RawShard] = []
     embedder: dict | None = None  # raw inputs: modality, model name, pretrained, precision
+    # Input object (or image shard, see image_shard_key) -> what it looked like when planned:
+    # a resume over an input rewritten since is refused.
+    fingerprints: dict[str, str] = {}
     n_input: int
     dim: int
     clusters: int
@@ -75,7 +88,9 @@ def default_buckets(n_items: int, dim: int, clusters: int) -> int:
 
 
 def plan_run(cfg: RunConfig) -> RunPlan:
-    """Every check that can fail before work: inputs, ids, dimensions, k, device, an existing run."""
+    """Every check that can fail before work: the output, inputs, ids, dimensions, k, device,
+    an existing run."""
+    check_output(cfg)
     try:
         device = str(resolve_device(cfg.device))
     except ValueError as exc:
@@ -97,6 +112,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         if buckets > k:
             raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
         plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
+    plan = plan.model_copy(update={"fingerprints": input_fingerprints(plan)})
     check_free(plan.layout.lease)
     if cfg.on_existing != "fresh":
         check_resumable(plan)
@@ -122,30 +138,225 @@ def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
     return RunPlan(config=cfg, input_format=fmt, shards=[], sources=sources, embedder=embedder, n_input=0, dim=0, clusters=0, buckets=0, device=device)
 
 
+def image_shard_key(shard: RawShard) -> str:
+    """Image folders are cut into several shards under one URL: one key per shard."""
+    return f"{shard.url}#shard-{shard.index:05d}"
+
+
+def input_fingerprints(plan: RunPlan) -> dict[str, str]:
+    """What each input object looks like now (see :func:`semdedup_core.storage.fingerprints`);
+    an image shard gets one digest over its files' paths and fingerprints."""
+    if plan.embeds:
+        single = [s.url for s in plan.sources if s.kind != "images"]
+        files = [f for s in plan.sources if s.kind == "images" for f in s.files]
+    else:
+        single = [u for s in plan.shards for u in (s.url, s.metadata_url) if u]
+        files = []
+    found = fingerprints(single + files)
+    out = {url: found[url] for url in single}
+    for s in plan.sources:
+        if s.kind == "images":
+            out[image_shard_key(s)] = digest([f"{f} {found[f]}" for f in s.files])
+    return out
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def check_output(cfg: RunConfig) -> None:
+    """Refuse, before anything is written, an output that overlaps an input, is a file, cannot
+    be written, lies in a bucket that does not exist, or is a folder holding files that are
+    not a run of ours."""
+    _refuse_overlap(cfg)
+    fs, root = filesystem(cfg.output)
+    if uses_temp_files(fs):
+        _check_local_output(cfg.output, root)
+    else:
+        if has_buckets(fs) and not bucket_exists(cfg.output):
+            bucket = root.split("/", 1)[0]
+            raise ConfigError(f"--output {cfg.output}: bucket {bucket!r} does not exist (buckets are never created; create it or fix the name)")
+        if path_kind(cfg.output) == "file":
+            raise ConfigError(f"--output {cfg.output} is a file, not a folder")
+    _refuse_foreign_folder(cfg, fs, root)
+
+
+def _check_local_output(output: str, path: str) -> None:
+    """The output is a folder or does not exist yet, and the nearest existing folder is writable."""
+    probe = path
+    while not os.path.lexists(probe) and posixpath.dirname(probe) != probe:
+        probe = posixpath.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"lies under {probe}, which is a file"
+        raise ConfigError(f"--output {output} {where}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: {probe} is not writable")
+
+
+def _location(url: str, pattern: bool) -> tuple[str, list[str], bool]:
+    """(storage family, normalised path components, whether they hold glob patterns): local
+    paths resolved through symlinks, object-store paths as bucket/key."""
+    fs, path = filesystem(url)
+    globbed = pattern and any(ch in path for ch in _GLOB_CHARS) and path_kind(url) is None
+    parts = [p for p in path.split("/") if p]
+    if not uses_temp_files(fs):
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        return protocols[0], parts, globbed
+    static = next((i for i, p in enumerate(parts) if globbed and any(ch in p for ch in _GLOB_CHARS)), len(parts))
+    resolved = os.path.realpath("/" + "/".join(parts[:static]))
+    return "file", [p for p in resolved.split("/") if p] + parts[static:], globbed
+
+
+def _may_overlap(pattern: list[str], globbed: bool, output: list[str]) -> bool:
+    """Whether the output is, holds, or lies inside something the input names (a file, a folder
+    searched recursively, or anything a listing of the glob can pick up now or later)."""
+    recursive = next((i for i, p in enumerate(pattern) if globbed and "**" in p), None)
+    fixed = pattern[:recursive] if recursive is not None else pattern
+    for want, have in zip(fixed, output):
+        if not (fnmatch.fnmatchcase(have, want) if globbed else have == want):
+            return False
+    return True
+
+
+def _refuse_overlap(cfg: RunConfig) -> None:
+    family, output, _ = _location(cfg.output, pattern=False)
+    for entry in cfg.input:
+        entry_family, parts, globbed = _location(entry, pattern=True)
+        if entry_family == family and _may_overlap(parts, globbed, output):
+            raise ConfigError(
+                f"--output {cfg.output} overlaps the input {entry} (it is, holds, or lies inside what the input reads); choose an output folder outside the input"
+            )
+
+
+def is_run_record(record: object) -> bool:
+    """Whether a parsed run.json was written by a run of ours."""
+    return (
+        isinstance(record, dict)
+        and record.get("format_version") == RUN_FORMAT_VERSION
+        and isinstance(record.get("config"), dict)
+        and isinstance(record.get("stages"), dict)
+        and isinstance(record.get("shards"), list)
+    )
+
+
+def read_run_record(url: str) -> dict | None:
+    """The run.json at ``url`` if a run of ours wrote it; None if absent or not ours."""
+    try:
+        record = read_json(url)
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if is_run_record(record) else None
+
+
+def _files_under(fs, root: str) -> list[str]:
+    """Every file under ``root``, relative to it."""
+    found = with_retries("list", root, lambda: fs.find(root))
+    prefix = root.rstrip("/") + "/"
+    return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
+
+
+def _refuse_foreign_folder(cfg: RunConfig, fs, root: str) -> None:
+    """An existing output must be a run of ours, or hold nothing but what a run of ours leaves
+    before its run.json (a lease, temporary files)."""
+    layout = RunLayout(cfg.output)
+    if read_run_record(layout.run_json) is not None:
+        return
+    lease = read_lease(layout.lease)
+    others = [f for f in _files_under(fs, root) if not is_temp_artifact(f) and not (f == "lease.json" and lease and "owner" in lease)]
+    if not others:
+        return
+    example = f"{len(others)} files, e.g. {others[0]}" if len(others) > 1 else others[0]
+    if cfg.on_existing == "resume":
+        raise ConfigError(f"--output {cfg.output} is not empty and holds no semdedup run ({example}); choose an empty or new folder")
+    flag = "--fresh" if cfg.on_existing == "fresh" else "--reuse-embeddings"
+    raise ConfigError(
+        f"--output {cfg.output} holds no semdedup run ({example}); {flag} deletes only a run's own files, so nothing was deleted: choose an empty or new folder"
+    )
+
+
+def _dataset_names(*records: dict) -> frozenset[str]:
+    """The file names a run writes back under dataset/ and removed/: its inputs' names."""
+    names: set[str] = set()
+    for record in records:
+        sources = record.get("sources") or []
+        entries = [s for s in sources if s.get("kind") != "images"] if sources else record.get("shards") or []
+        names |= {posixpath.basename(str(e.get("url", "")).rstrip("/")) for e in entries if isinstance(e, dict)}
+    return frozenset(names)
+
+
 def start_run(plan: RunPlan) -> None:
-    """Under the lease: clear the output if asked to start fresh, drop interrupted temp files
-    from a killed run, and write run.json."""
+    """Under the lease: clear an earlier run of ours if asked to start fresh, drop temporary
+    files an interrupted write of ours left, and write run.json."""
     layout = plan.layout
     fs, root = filesystem(layout.root)
     mode = plan.config.on_existing
-    if mode in ("fresh", "reuse-embeddings") and fs.exists(root):
-        keep = {posixpath.basename(layout.lease)} | (set(EMBEDDING_ARTIFACTS) if mode == "reuse-embeddings" else set())
-        for entry in fs.ls(root, detail=False):
-            if posixpath.basename(entry.rstrip("/")) not in keep:
-                fs.rm(entry, recursive=True)
-    if uses_temp_files(fs) and fs.exists(root):
-        for leftover in fs.glob(posixpath.join(root, "**", "*.tmp-*")):
-            fs.rm(leftover)
-    write_run_json(plan)
+    previous = read_run_record(layout.run_json)
+    current = {"sources": [s.model_dump() for s in plan.sources], "shards": [s.model_dump() for s in plan.shards]}
+    names = _dataset_names(current, *([previous] if previous else []))
+    restart = mode in ("fresh", "reuse-embeddings") and previous is not None
+    if restart:
+        _clear_run(fs, root, names, keep_embeddings=mode == "reuse-embeddings")
+    if uses_temp_files(fs):
+        _drop_temp_files(root, names)
+    write_run_json(plan, restart=restart)
+
+
+def _clear_run(fs, root: str, names: frozenset[str], keep_embeddings: bool) -> None:
+    """Delete the artifacts of the earlier run (never run.json, rewritten next, nor the lease;
+    nothing that is not of our layout). Completion markers go first, so a crash half-way
+    leaves unfinished units, never finished-looking ones without their data."""
+    ours = [
+        f
+        for f in _files_under(fs, root)
+        if f not in ("run.json", "lease.json")
+        and (is_artifact(f, names) or is_temp_artifact(f, names))
+        and not (keep_embeddings and f.split("/", 1)[0] in EMBEDDING_FOLDERS)
+        and not (uses_temp_files(fs) and _through_a_link(root, f))
+    ]
+    for batch in ([f for f in ours if f.endswith(".json")], [f for f in ours if not f.endswith(".json")]):
+        if batch:
+            paths = [f"{root.rstrip('/')}/{f}" for f in batch]
+            with_retries("delete", f"{root} ({len(paths)} files of the earlier run)", lambda paths=paths: fs.rm(paths))
+    if uses_temp_files(fs):
+        for folder in ARTIFACT_FOLDERS:
+            try:
+                os.rmdir(posixpath.join(root, folder))
+            except OSError:
+                pass  # absent, or holding files that are not ours
+
+
+def _through_a_link(root: str, relative: str) -> bool:
+    """Whether a local file's folder is reached through a symlink (it may hold anyone's files)."""
+    folder = posixpath.dirname(relative)
+    real_root = os.path.realpath(root)
+    return os.path.realpath(posixpath.join(root, folder)) != (posixpath.join(real_root, folder) if folder else real_root)
+
+
+def _drop_temp_files(root: str, names: frozenset[str]) -> None:
+    """Temporary files a killed write of ours left, in the folders we write to only."""
+    for folder in ("", *ARTIFACT_FOLDERS):
+        directory = posixpath.join(root, folder) if folder else root
+        if folder and _through_a_link(root, posixpath.join(folder, "x")):
+            continue
+        try:
+            entries = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in entries:
+            if is_temp_artifact(posixpath.join(folder, name), names):
+                try:
+                    os.unlink(posixpath.join(directory, name))
+                except FileNotFoundError:
+                    pass
 
 
 def check_resumable(plan: RunPlan) -> None:
     """An existing run at the output must have been started with the same result-defining
-    config (with on_existing='reuse-embeddings': the same embedding-defining config)."""
+    config (with on_existing='reuse-embeddings': the same embedding-defining config) on the
+    same, unchanged input objects."""
     layout = plan.layout
-    if not exists(layout.run_json):
+    previous = read_run_record(layout.run_json)
+    if previous is None:
         return
-    previous = read_json(layout.run_json)
     reuse = plan.config.on_existing == "reuse-embeddings"
     old = previous.get("config", {})
     new = plan.config.embedding_fields() if reuse else plan.config.result_fields()
@@ -160,19 +371,36 @@ def check_resumable(plan: RunPlan) -> None:
     if differing:
         hint = "use another --output, or --fresh to start over" if reuse else "use another --output, --reuse-embeddings to keep only its embeddings, or --fresh to start over"
         raise ConfigError(f"{plan.config.output} holds a run with a different configuration ({', '.join(differing)}); {hint}")
+    recorded = previous.get("fingerprints") or {}
+    changed = [key for key, now in plan.fingerprints.items() if key in recorded and recorded[key] != now]
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"input {_describe_input(plan, changed[0])}{more} changed since the run at {plan.config.output} read it; "
+            "its results would be stale: use --fresh to redo the run on the new input, or another --output"
+        )
+
+
+def _describe_input(plan: RunPlan, key: str) -> str:
+    for s in plan.sources:
+        if s.kind == "images" and image_shard_key(s) == key:
+            return f"{s.url} (image files {s.files[0]} .. {s.files[-1]})"
+    return key
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_run_json(plan: RunPlan) -> None:
-    """run.json: config (no secrets: the config holds none), versions, seeds, stage status.
+def write_run_json(plan: RunPlan, restart: bool = False) -> None:
+    """run.json: config (no secrets: the config holds none), versions, seeds, input
+    fingerprints, stage status.
 
-    Stage status already recorded by an earlier (interrupted) run is kept.
+    Stage status already recorded by an earlier (interrupted) run is kept, unless the run
+    starts over (``restart``).
     """
     layout = plan.layout
-    previous = read_json(layout.run_json) if exists(layout.run_json) else {}
+    previous = {} if restart else (read_run_record(layout.run_json) or {})
     write_json(
         layout.run_json,
         {
@@ -190,6 +418,7 @@ def write_run_json(plan: RunPlan) -> None:
             "embedder": plan.embedder,
             "sources": [s.model_dump() for s in plan.sources],
             "shards": [s.model_dump() for s in plan.shards],
+            "fingerprints": plan.fingerprints,
             "versions": package_versions(),
             "stages": previous.get("stages", {}),
             "parent_run": None,

@@ -16,15 +16,18 @@ Credentials never pass through here: s3fs takes them from the environment
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
+import re
 import posixpath
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
@@ -34,13 +37,22 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 _RENAME_ATOMIC_PROTOCOLS = {"file", "local"}
-STORAGE_ATTEMPTS = int(os.environ.get("SEMDEDUP_STORAGE_ATTEMPTS", "4"))
+STORAGE_ATTEMPTS = int(os.environ.get("SEMDEDUP_STORAGE_ATTEMPTS", "6"))
 _BACKOFF_SECONDS = 0.2
 _BACKOFF_CAP_SECONDS = 10.0
 # Answers callers act on (absent, already there) and data errors (a corrupt file): no retry.
 _PASS_THROUGH = (FileNotFoundError, FileExistsError, ValueError, TypeError, KeyError)
 # Errors another attempt cannot fix: no retry, reported naming the object.
 _PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
+# OS errors another attempt cannot fix either: a full disk or quota, a read-only filesystem,
+# a file over the size limit.
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG})
+# Client-side errors no retry can fix (botocore's, named to keep this module free of it).
+_PERMANENT_NAMES = frozenset({"NoCredentialsError", "PartialCredentialsError", "InvalidConfigError", "ProfileNotFound"})
+_GLOB_CHARS = "*?["
+# Temporary files of atomic writes: "<target>.semdedup-tmp-<uuid hex>", beside the target.
+_TEMP_MARK = ".semdedup-tmp-"
+_TEMP_NAME = re.compile(r"(?P<target>.+)\.semdedup-tmp-[0-9a-f]{32}")
 _T = TypeVar("_T")
 
 
@@ -69,14 +81,43 @@ def with_retries(action: str, url: str, operation: Callable[[], _T], attempts: i
             return operation()
         except _PASS_THROUGH:
             raise
+        except StorageError:
+            raise
         except _PERMANENT as exc:
             raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno not in _PERMANENT_ERRNOS and attempt < attempts:
+                _forget_cached(url)
+                _back_off(attempt)
+                continue
+            tries = "" if exc.errno in _PERMANENT_ERRNOS else f" after {attempts} attempts"
+            raise StorageError(f"{url}: {action} failed{tries}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - transient until proven otherwise
+            if type(exc).__name__ in _PERMANENT_NAMES:
+                raise StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}") from exc
             if attempt == attempts:
                 raise StorageError(f"{url}: {action} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
-            delay = min(_BACKOFF_CAP_SECONDS, _BACKOFF_SECONDS * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random()))
+            _forget_cached(url)
+            _back_off(attempt)
     raise AssertionError("unreachable")
+
+
+def _forget_cached(url: str) -> None:
+    """Drop what the filesystem cached about ``url`` (listings, ETags): an object rewritten
+    since would otherwise fail every retry (s3fs: FileExpired)."""
+    with suppress(Exception):
+        fs, path = filesystem(url)
+        fs.invalidate_cache(path)
+
+
+def _back_off(attempt: int) -> None:
+    delay = min(_BACKOFF_CAP_SECONDS, _BACKOFF_SECONDS * 2 ** (attempt - 1))
+    time.sleep(delay * (0.5 + random.random()))
+
+
+def write_error(url: str, exc: BaseException, action: str = "write") -> StorageError:
+    """A failure writing ``url`` as one line naming it and the cause."""
+    return exc if isinstance(exc, StorageError) else StorageError(f"{url}: {action} failed: {type(exc).__name__}: {exc}")
 
 
 def join(base: str, *parts: str) -> str:
@@ -90,32 +131,114 @@ def uses_temp_files(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _RENAME_ATOMIC_PROTOCOLS for p in protocols)
 
 
+def temp_path(path: str) -> str:
+    """A temporary name beside ``path`` that no user file plausibly has."""
+    return f"{path}{_TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temporary file of ours stands for, or None if ``name`` is not one."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match.group("target") if match else None
+
+
+def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create the folder of ``path`` on local disks (object stores have no folders, and a
+    makedirs there may create a bucket)."""
+    parent = posixpath.dirname(path)
+    if parent and uses_temp_files(fs):
+        try:
+            fs.makedirs(parent, exist_ok=True)
+        except FileExistsError as exc:  # not an answer to act on here: a file is in the way
+            raise NotADirectoryError(errno.ENOTDIR, f"{parent} or a folder above it is a file") from exc
+
+
+class _NamedErrors:
+    """A writable file whose write/flush/close failures raise StorageError naming the object
+    (streaming writers run outside :func:`with_retries`, which would name it otherwise)."""
+
+    def __init__(self, fh: Any, url: str):
+        self._fh = fh
+        self._url = url
+
+    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise write_error(self._url, exc) from exc
+
+    def write(self, data: Any) -> int:
+        return self._call(self._fh.write, data)
+
+    def flush(self) -> None:
+        self._call(self._fh.flush)
+
+    def close(self) -> None:
+        self._call(self._fh.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
 @contextmanager
 def atomic_open(url: str) -> Iterator[BinaryIO]:
-    """Open ``url`` for binary writing; readers see the old object or the complete new one."""
+    """Open ``url`` for binary writing; readers see the old object or the complete new one.
+
+    A failure of the storage (disk full, read-only, a file in the way, a missing bucket)
+    raises :class:`StorageError` naming ``url``; errors of the caller's code pass through."""
+    with _atomic_write(url, named_errors=True) as fh:
+        yield fh
+
+
+@contextmanager
+def _atomic_write(url: str, named_errors: bool) -> Iterator[Any]:
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if not uses_temp_files(fs):
-        with fs.open(path, "wb") as fh:
-            yield fh
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    local = uses_temp_files(fs)
+    target = temp_path(path) if local else path
+
+    def storage_step(step: Callable[[], _T], action: str = "write") -> _T:
+        if not named_errors:
+            return step()
+        try:
+            return step()
+        except OSError as exc:
+            raise write_error(url, exc, action) from exc
+
+    storage_step(lambda: _make_parent(fs, path), "creating its folder")
+    fh = storage_step(lambda: fs.open(target, "wb"))
     try:
-        with fs.open(tmp, "wb") as fh:
-            yield fh
-        fs.mv(tmp, path)
+        try:
+            yield _NamedErrors(fh, url) if named_errors else fh
+        except BaseException:
+            with suppress(OSError):  # the caller's error is the one to report
+                fh.close() if local else _discard(fh)
+            raise
+        storage_step(fh.close)
+        if local:
+            storage_step(lambda: fs.mv(target, path))
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        if local and os.path.lexists(target):
+            os.unlink(target)
         raise
+
+
+def _discard(fh: Any) -> None:
+    """Drop an unfinished object-store upload instead of completing it on close."""
+    discard = getattr(fh, "discard", None)
+    if discard is None:
+        fh.close()
+        return
+    discard()
+    fh.closed = True  # closing would upload what was buffered
 
 
 def write_bytes(url: str, data: bytes) -> None:
     def write() -> None:
-        with atomic_open(url) as fh:
-            fh.write(data)
+        try:
+            with _atomic_write(url, named_errors=False) as fh:
+                fh.write(data)
+        except FileNotFoundError as exc:  # writing, this is no answer but a missing bucket or folder
+            raise write_error(url, exc) from exc
 
     with_retries("write", url, write)
 
@@ -127,14 +250,12 @@ def create_exclusive(url: str, data: bytes) -> bool:
     exists). Object stores: one PUT with ``If-None-Match: *``.
     """
     fs, path = filesystem(url)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
 
     def create() -> bool:
+        _make_parent(fs, path)
         try:
             if uses_temp_files(fs):
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                tmp = temp_path(path)
                 with open(tmp, "wb") as fh:
                     fh.write(data)
                 try:
@@ -147,6 +268,8 @@ def create_exclusive(url: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
+        except FileNotFoundError as exc:
+            raise write_error(url, exc, "create") from exc
 
     return with_retries("create", url, create)
 
@@ -241,26 +364,31 @@ def remove(url: str) -> None:
     with_retries("delete", url, rm)
 
 
-def remove_tree(url: str) -> None:
-    fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+def _literal_type(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """'file' or 'directory' when ``path`` exists as written (glob characters included), else None."""
+    try:
+        return fs.info(path).get("type")
+    except FileNotFoundError:
+        return None
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in _GLOB_CHARS)
 
 
 def list_files(url_pattern: str) -> list[str]:
-    """Expand a glob (or a single path) to sorted full URLs of files."""
+    """Expand a glob (or a single path) to sorted full URLs of files. A path that exists as
+    written is taken literally, glob characters and all (``part[1].parquet``)."""
     fs, path = filesystem(url_pattern)
 
     def expand() -> list[str]:
         # Types come from the listing itself: a per-file check would turn a failing object
         # into "not a file" and drop it silently.
-        if any(ch in path for ch in "*?["):
+        literal = _literal_type(fs, path)
+        if literal is None and _has_glob(path):
             matches = [m for m, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
         else:
-            try:
-                matches = [path] if fs.info(path).get("type") == "file" else []
-            except FileNotFoundError:
-                matches = []
+            matches = [path] if literal == "file" else []
         return sorted(fs.unstrip_protocol(m) if _has_protocol(url_pattern) else m for m in matches)
 
     return with_retries("list", url_pattern, expand)
@@ -274,10 +402,84 @@ def expand_input(entry: str) -> tuple[list[str], str | None]:
     """Files of one input entry (a glob, a file or a folder, searched recursively), sorted,
     and the folder they were found under (for image ids) when the entry is a folder."""
     fs, path = filesystem(entry)
-    is_dir = not any(ch in path for ch in "*?[") and with_retries("list", entry, lambda: fs.isdir(path))
+    is_dir = with_retries("list", entry, lambda: _literal_type(fs, path)) == "directory"
     if not is_dir:
         return list_files(entry), None
     found = with_retries("list", entry, lambda: fs.find(path, detail=True))
     files = sorted(p for p, info in found.items() if info.get("type") == "file" and not posixpath.basename(p).startswith("."))
     as_url = (lambda p: fs.unstrip_protocol(p)) if "://" in entry else (lambda p: p)
     return [as_url(p) for p in files], as_url(path.rstrip("/"))
+
+
+def path_kind(url: str) -> str | None:
+    """'file' or 'directory' when ``url`` exists as written (no glob expansion), else None."""
+    fs, path = filesystem(url)
+    return with_retries("check", url, lambda: _literal_type(fs, path))
+
+
+# Object metadata that changes whenever an object is rewritten, best first.
+_VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash")
+_TIME_KEYS = ("LastModified", "mtime", "updated", "last_modified")
+
+
+def fingerprints(urls: list[str]) -> dict[str, str]:
+    """A short string per file that changes when the file is rewritten: size and mtime_ns on
+    local disks; ETag / version id (else size and modification time) on object stores.
+    One listing per folder, not one request per file."""
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rstrip("/").rsplit("/", 1)[0], []).append(url)
+    out: dict[str, str] = {}
+    for folder, members in by_folder.items():
+        fs, folder_path = filesystem(folder)
+        if uses_temp_files(fs):
+            for url in members:
+                st = with_retries("check", url, lambda url=url: os.stat(filesystem(url)[1]))
+                out[url] = f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
+            continue
+
+        def listing(fs=fs, folder_path=folder_path) -> dict[str, dict]:
+            fs.invalidate_cache(folder_path)  # a cached listing would hide a rewrite
+            return {info["name"]: info for info in fs.ls(folder_path, detail=True)}
+
+        infos = with_retries("list", folder, listing)
+        for url in members:
+            path = filesystem(url)[1]
+            info = infos.get(path) or with_retries("check", url, lambda path=path, fs=fs: fs.info(path))
+            out[url] = _describe_version(info)
+    return out
+
+
+def _describe_version(info: dict) -> str:
+    parts = [f"size={info.get('size')}"]
+    parts += [f"{key}={info[key]}" for key in _VERSION_KEYS if info.get(key)]
+    if len(parts) == 1:
+        parts += [f"{key}={info[key]}" for key in _TIME_KEYS if info.get(key)]
+    return " ".join(parts)
+
+
+def digest(parts: list[str]) -> str:
+    """One short digest standing for many fingerprints."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def has_buckets(fs: fsspec.AbstractFileSystem) -> bool:
+    """Object stores whose first path component is a bucket (s3, gcs, ...)."""
+    return not uses_temp_files(fs) and hasattr(fs, "split_path")
+
+
+def bucket_exists(url: str) -> bool:
+    """Whether the bucket of ``url`` exists. Unreachable endpoints, refused credentials and
+    the like raise StorageError naming the bucket and the cause."""
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    scheme = url.split("://", 1)[0]
+
+    def check() -> bool:
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return with_retries("check", f"{scheme}://{bucket}", check)

@@ -84,7 +84,7 @@ def test_flow_writes_the_run_layout_into_the_bucket(runs, moto_s3):
         *(f"partitions/shard-{s:05d}.json" for s in range(SHARDS)),
     }
     assert expected <= set(keys), sorted(expected - set(keys))
-    assert "lease.json" not in keys and not [k for k in keys if ".tmp-" in k]
+    assert "lease.json" not in keys and not [k for k in keys if ".semdedup-tmp-" in k]
     # exactly the files the local run wrote: same layout, whatever the store
     local = sorted(str(p.relative_to(runs["local_out"])) for p in runs["local_out"].rglob("*") if p.is_file())
     assert sorted(keys) == local

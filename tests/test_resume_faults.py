@@ -196,16 +196,6 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def wait_until_expired(read_lease) -> dict:
-    """Sleep until the dead holder's lease has expired (it stopped renewing when killed)."""
-    record = read_lease()
-    left = record["expires"] - time.time()
-    assert left <= LEASE_TTL + 1, record  # the killed run's short TTL, not the default
-    time.sleep(max(0.0, left) + 0.2)
-    assert read_lease()["expires"] < time.time()  # nobody renewed it
-    return record
-
-
 # ---------------------------------------------------------------- kill -9 on local disk
 
 
@@ -256,7 +246,7 @@ def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(point, big, tmp_path):
     with single_thread():
         summary = run_pipeline(cfg)
     assert not lease_url.exists()
-    assert not [p for p in tree(out) if ".tmp-" in p]
+    assert not [p for p in tree(out) if ".semdedup-tmp-" in p]
     results = RunResults(out)
     assert summary["n_kept"] == results.summary["n_kept"]
     assert results.n_score_files == BIG_CFG["buckets"]
@@ -265,7 +255,7 @@ def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(point, big, tmp_path):
 
 
 @pytest.mark.e2e
-def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path):
+def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path, monkeypatch):
     bucket = moto_s3.new_bucket("kill")
     cfg = RunConfig(input=[upload(moto_s3, small, bucket)], output=f"s3://{bucket}/run", **SMALL_CFG)
 
@@ -282,7 +272,9 @@ def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path):
 
     record = json.loads(moto_s3.get(bucket, "run/lease.json"))
     assert (record["pid"], record["host"]) == (child.pid, "worker-elsewhere-7")
-    # A re-run inside the TTL is refused, naming the lease and its holder, before writing anything.
+    # Told not to wait (SEMDEDUP_LEASE_WAIT=0), a re-run inside the TTL is refused, naming the lease
+    # and its holder, before writing anything.
+    monkeypatch.setenv("SEMDEDUP_LEASE_WAIT", "0")
     with single_thread(), pytest.raises(LeaseError) as refused:
         run_pipeline(cfg)
     message = str(refused.value)
@@ -290,12 +282,14 @@ def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path):
     assert record["owner"] in message and "worker-elsewhere-7" in message and f"pid {child.pid}" in message, message
     assert moto_s3.keys(bucket, "run/") == keys
     assert json.loads(moto_s3.get(bucket, "run/lease.json")) == record
-    # Once it has expired, the re-run takes over and resumes.
-    wait_until_expired(lambda: json.loads(moto_s3.get(bucket, "run/lease.json")))
+    # By default the re-run waits for that lease to expire (its holder stopped renewing when
+    # killed), then takes over and resumes.
+    monkeypatch.delenv("SEMDEDUP_LEASE_WAIT")
+    assert record["expires"] - time.time() <= LEASE_TTL + 1  # the killed run's short TTL, not the default
     with single_thread():
         run_pipeline(cfg)
     keys = moto_s3.keys(bucket, "run/")
-    assert "run/lease.json" not in keys and not [k for k in keys if ".tmp-" in k]
+    assert "run/lease.json" not in keys and not [k for k in keys if ".semdedup-tmp-" in k]
     results = RunResults(f"s3://{bucket}/run", moto_s3)
     assert results.n_score_files == SMALL_CFG["buckets"]
     assert_same_decisions(results, small["reference"], small["ids"])
