@@ -460,7 +460,8 @@ def _describe_version(info: dict) -> str:
 
 def digest(parts: list[str]) -> str:
     """One short digest standing for many fingerprints."""
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    # surrogateescape: file names that are not UTF-8 (kept as surrogates by os.fsdecode) still digest.
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def has_buckets(fs: fsspec.AbstractFileSystem) -> bool:
