@@ -312,7 +312,10 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_object(tmp_path, shar
 def foreign_lease(url: Path, expires_in: float, owner: str = "crashed-elsewhere") -> dict:
     record = {"owner": owner, "host": "another-node-9", "pid": 4242, "expires": time.time() + expires_in}
     url.parent.mkdir(parents=True, exist_ok=True)
-    url.write_text(json.dumps(record))
+    # Atomically, as a real run writes its lease: a reader never sees it half written.
+    tmp = url.with_name(f"{url.name}.writing-{owner}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, url)
     return record
 
 
