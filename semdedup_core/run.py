@@ -99,6 +99,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
     check_free(plan.layout.lease)
     if cfg.on_existing != "fresh":
+        plan = restart_after_refusal(plan)
+    if plan.config.on_existing != "fresh":
         check_resumable(plan)
     return plan
 
@@ -137,6 +139,31 @@ def start_run(plan: RunPlan) -> None:
         for leftover in fs.glob(posixpath.join(root, "**", "*.tmp-*")):
             fs.rm(leftover)
     write_run_json(plan)
+
+
+def record_refusal(plan: RunPlan, reason: str) -> None:
+    """Mark the run as stopped on what its data turned out to hold (k larger than the valid
+    items, nothing usable, duplicate ids), so that a corrected re-run may change the config."""
+    state = read_json(plan.layout.run_json)
+    state["refused"] = {"reason": reason, "at": _now()}
+    write_json(plan.layout.run_json, state)
+
+
+def restart_after_refusal(plan: RunPlan) -> RunPlan:
+    """A refused run re-run with another configuration keeps its embeddings when they still
+    apply (same input and embedding options), else starts fresh."""
+    layout = plan.layout
+    if not exists(layout.run_json):
+        return plan
+    previous = read_json(layout.run_json)
+    if not previous.get("refused") or previous.get("config") == plan.config.result_fields():
+        return plan
+    old = previous.get("config", {})
+    same_embeddings = all(old.get(k) == v for k, v in plan.config.embedding_fields().items()) and previous.get("sources") == [
+        s.model_dump() for s in plan.sources
+    ]
+    mode = "reuse-embeddings" if plan.embeds and same_embeddings else "fresh"
+    return plan.model_copy(update={"config": plan.config.model_copy(update={"on_existing": mode})})
 
 
 def check_resumable(plan: RunPlan) -> None:
