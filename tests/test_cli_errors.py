@@ -205,7 +205,9 @@ def test_more_clusters_than_embedded_items_then_the_corrected_rerun(tmp_path, ti
     proc = cli([*base, "--clusters", "3"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = RunResults(out)
-    results.check_accounting([f"d{i}" for i in range(8)] + ["copy", "empty"])
+    decided = [r["id"] for r in results.kept + results.removed + results.failed]
+    assert sorted(decided) == sorted([f"d{i}" for i in range(8)] + ["copy", "empty"])
+    assert [r["id"] for r in results.failed] == ["empty"] and {"id": "copy", "reason": "exact"}.items() <= next(r for r in results.removed if r["id"] == "copy").items()
     assert results.summary["clusters"] == 3
     # the corrected run kept the embeddings (same input and model)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").glob("*.parquet")} == embedded
