@@ -15,13 +15,44 @@ from pathlib import Path
 from typing import Annotated, Optional, TextIO
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from semdedup_core.config import ConfigError, RunConfig
 
+try:  # recent typer parses with its own copy of click
+    from typer import _click as click
+except ImportError:
+    import click
+
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's usage errors (an option that is not a number, a missing argument) as one line,
+    like every other refusal."""
+
+    def main(self, *args, **kwargs):  # noqa: ANN201 - click's signature
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            print(f"semdedup: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("semdedup: error: aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Semantic deduplication (SemDeDup) of image and text datasets."
+    cls=_OneLineUsageErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Semantic deduplication (SemDeDup) of image and text datasets.",
 )
 console = Console()
 

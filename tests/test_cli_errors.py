@@ -107,6 +107,21 @@ def test_seeds_faiss_cannot_take_are_refused(tmp_path, seed):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "x.parquet", "--output", "out", "--seed", "abc"], "--seed"),
+        (["run", "x.parquet", "--output", "out", "--clusters", "1e3"], "--clusters"),
+        (["run", "x.parquet", "--output", "out", "--no-such-option"], "--no-such-option"),
+        (["run"], "INPUT"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, args, fragment):
+    one_error_line(cli(args, tmp_path), 2, fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unexpected_failure_is_one_line_naming_a_log_with_the_traceback(tmp_path):
     """run.json that is not JSON (not a state we ever write): not a known refusal."""
     glob = small_embeddings(tmp_path / "data")
