@@ -27,12 +27,11 @@ except ImportError:
     import click
 
 
-
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """Click's usage errors (an option that is not a number, a missing argument) as one line,
     like every other refusal."""
 
-    def main(self, *args, **kwargs):  # noqa: ANN201 - click's signature
+    def main(self, *args, **kwargs):
         try:
             code = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.exceptions.NoArgsIsHelpError as exc:
