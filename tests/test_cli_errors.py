@@ -264,5 +264,7 @@ def test_a_successful_run_keeps_stderr_clean_and_a_finished_rerun_skips_prefect(
     new_logs = sorted(set(log_dir.glob("*.log")) - set(logs))
     assert len(new_logs) == 1 and "Starting temporary server" not in new_logs[0].read_text()
     assert (out / "result" / "summary.json").read_text() == summary
-    # a changed result-defining option is not "finished": it is refused as before
+    # a changed result-defining option or input is not "finished": it is refused as before
     one_error_line(cli([*args[:-1], "9"], tmp_path), 2, "different configuration", "clusters")
+    write_embeddings(tmp_path / "data" / "part-9.parquet", ["late"], unit_rows(np.random.default_rng(9), 1, 16))
+    one_error_line(cli(args, tmp_path), 2, "different configuration", "input shards")
