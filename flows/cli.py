@@ -78,6 +78,16 @@ def _log_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semdedup" / "logs"
 
 
+def _prune_logs(folder: Path) -> None:
+    """Keep the newest KEPT_LOGS logs (other invocations may be pruning at the same time)."""
+    try:
+        logs = sorted(folder.glob("semdedup-*.log"), key=lambda p: p.stat().st_mtime)
+        for old in logs[:-KEPT_LOGS]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 class RunLog:
     """This invocation's log file (never inside the output): full tracebacks and, unless
     --verbose, everything written to stderr: Prefect's logs, the output of its API server
@@ -99,8 +109,7 @@ class RunLog:
 
                 folder = Path(tempfile.gettempdir()) / "semdedup-logs"
                 folder.mkdir(parents=True, exist_ok=True)
-            for old in sorted(folder.glob("semdedup-*.log"), key=lambda p: p.stat().st_mtime)[:-KEPT_LOGS]:
-                old.unlink(missing_ok=True)
+            _prune_logs(folder)
             self._path = folder / name
         return self._path
 
