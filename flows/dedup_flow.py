@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, unmapped
 
-from semdedup_core.config import RunConfig
+from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.lease import Lease
 from semdedup_core.results import record_written
-from semdedup_core.run import RunPlan, StageClock, record_stage
+from semdedup_core.run import RunPlan, StageClock, record_refusal, record_stage
+from semdedup_core.sources import InputError
 from tasks.stages import (
     assign_shard_task,
     collect_partitions_task,
@@ -44,9 +45,13 @@ def semdedup_flow(config: RunConfig) -> dict:
         with Lease(plan.layout.lease):  # a second run on the same output is refused here
             start_run_task(plan)
             record_stage(plan, "plan", clock.seconds["plan"])
-            if plan.embeds:
-                plan = _embed(plan, clock)
-            return _stages(config, plan, clock)
+            try:
+                if plan.embeds:
+                    plan = _embed(plan, clock)
+                return _stages(config, plan, clock)
+            except (ConfigError, InputError) as exc:  # only the data could tell: a corrected re-run may change the config
+                record_refusal(plan, str(exc))
+                raise
 
 
 def _embed(plan: RunPlan, clock: StageClock) -> RunPlan:
@@ -57,7 +62,7 @@ def _embed(plan: RunPlan, clock: StageClock) -> RunPlan:
         resolve_exact_task(plan)
     with clock.stage("embed", plan):
         embed_shard_task.map(unmapped(plan), shards).result()
-    return plan_embedded_task(plan)
+    return plan_embedded_task(plan, dict(clock.seconds))
 
 
 def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:

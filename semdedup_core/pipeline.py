@@ -6,9 +6,10 @@ Same stages, same artifacts and same resume behaviour as the Prefect flow, one a
 from __future__ import annotations
 
 from . import dedup, embedding, partitions, raw_writers, results, tuning
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .lease import Lease
-from .run import RunPlan, StageClock, plan_run, record_stage, start_run, write_run_json
+from .run import RunPlan, StageClock, plan_run, record_refusal, record_stage, start_run, write_run_json
+from .sources import InputError
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -18,9 +19,13 @@ def run_pipeline(cfg: RunConfig) -> dict:
     with Lease(plan.layout.lease):
         start_run(plan)
         record_stage(plan, "plan", clock.seconds["plan"])
-        if plan.embeds:
-            plan = _embed_stages(plan, clock)
-        return _run_stages(cfg, plan, clock)
+        try:
+            if plan.embeds:
+                plan = _embed_stages(plan, clock)
+            return _run_stages(cfg, plan, clock)
+        except (ConfigError, InputError) as exc:  # only the data could tell: a corrected re-run may change the config
+            record_refusal(plan, str(exc))
+            raise
 
 
 def _embed_stages(plan: RunPlan, clock: StageClock) -> RunPlan:
@@ -32,6 +37,7 @@ def _embed_stages(plan: RunPlan, clock: StageClock) -> RunPlan:
     with clock.stage("embed", plan):
         for shard in plan.sources:
             embedding.embed_shard(plan, shard.index)
+    results.refuse_if_nothing_usable(plan, dict(clock.seconds))
     plan = embedding.plan_embedded(plan)
     write_run_json(plan)
     return plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.compute as pc
 
 from .partitions import FAILED_SCHEMA
 from .run import RunPlan, package_versions
+from .sources import InputError
 from .storage import parquet_writer, read_json, read_parquet, write_bytes, write_json, write_parquet
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
@@ -107,6 +109,55 @@ def _exact_copies(plan: RunPlan, failed: pa.Table) -> _ExactCopies:
         schema=FAILED_SCHEMA,
     )
     return _ExactCopies(removed, failed_copies)
+
+
+class NoUsableItems(InputError):
+    """Raw input in which no item could be embedded; every item is in result/failed.parquet."""
+
+
+def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
+    """After the embedding stage: when no item was embedded, account every input item as
+    failed (kept and removed empty, summary.json with the reason) and raise NoUsableItems."""
+    layout = plan.layout
+    markers = [read_json(layout.embeddings_done(s.index)) for s in plan.sources]
+    if any(m["n_embedded"] for m in markers):
+        return
+    failed = pa.concat_tables([read_parquet(layout.embeddings_failed(s.index)).cast(FAILED_SCHEMA) for s in plan.sources])
+    exact = _exact_copies(plan, failed)
+    failed = pa.concat_tables([failed, exact.failed])
+    n_input = sum(m["n_items"] for m in markers)
+    reasons = Counter(failed.column("error").to_pylist()).most_common()
+    shown = ", ".join(f"{n} {reason}" for reason, n in reasons[:3])
+    if len(reasons) > 3:
+        shown += f", {sum(n for _, n in reasons[3:])} for {len(reasons) - 3} other reasons"
+    message = f"no usable items: {failed.num_rows} of {n_input} failed ({shown}); see {layout.failed}" if n_input else "no usable items: the input holds no items"
+    write_parquet(layout.failed, failed)
+    write_parquet(layout.kept, KEPT_SCHEMA.empty_table())
+    write_parquet(layout.removed, exact.removed)
+    summary = {
+        "output": plan.config.output,
+        "n_input": n_input,
+        "n_embedded": 0,
+        "n_kept": 0,
+        "n_removed": exact.removed.num_rows,
+        "n_exact": exact.removed.num_rows,
+        "n_failed": failed.num_rows,
+        "eps": plan.config.effective_eps,
+        "target_keep": plan.config.target_keep,
+        "kept_fraction": None,
+        "predicted_kept_fraction": None,
+        "clusters": 0,
+        "buckets": 0,
+        "keep": plan.config.keep,
+        "device": plan.device,
+        "input_format": plan.input_format,
+        "embedder": plan.embedder,
+        "stage_seconds": timings,
+        "versions": package_versions(),
+        "refused": message,
+    }
+    write_json(layout.summary, summary)
+    raise NoUsableItems(message)
 
 
 def record_written(plan: RunPlan, written: list[dict], seconds: float) -> dict:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pydantic import BaseModel
 
 from .config import ConfigError, RunConfig
-from .kernel import resolve_device
 from .layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
 from .lease import check_free, read_lease
 from .raw_sources import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
@@ -91,6 +90,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     """Every check that can fail before work: the output, inputs, ids, dimensions, k, device,
     an existing run."""
     check_output(cfg)
+    from .kernel import resolve_device  # torch: imported only when a run is planned
+
     try:
         device = str(resolve_device(cfg.device))
     except ValueError as exc:
@@ -112,9 +113,11 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         if buckets > k:
             raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
         plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
-    plan = plan.model_copy(update={"fingerprints": input_fingerprints(plan)})
+    plan = plan.model_copy(update={"fingerprints": input_fingerprints(plan.sources, plan.shards)})
     check_free(plan.layout.lease)
     if cfg.on_existing != "fresh":
+        plan = restart_after_refusal(plan)
+    if plan.config.on_existing != "fresh":
         check_resumable(plan)
     return plan
 
@@ -143,18 +146,19 @@ def image_shard_key(shard: RawShard) -> str:
     return f"{shard.url}#shard-{shard.index:05d}"
 
 
-def input_fingerprints(plan: RunPlan) -> dict[str, str]:
-    """What each input object looks like now (see :func:`semdedup_core.storage.fingerprints`);
-    an image shard gets one digest over its files' paths and fingerprints."""
-    if plan.embeds:
-        single = [s.url for s in plan.sources if s.kind != "images"]
-        files = [f for s in plan.sources if s.kind == "images" for f in s.files]
+def input_fingerprints(sources: list[RawShard], shards: list[Shard]) -> dict[str, str]:
+    """What each input object looks like now (see :func:`semdedup_core.storage.fingerprints`):
+    the raw ``sources`` when there are any, else the precomputed ``shards``; an image shard
+    gets one digest over its files' paths and fingerprints."""
+    if sources:
+        single = [s.url for s in sources if s.kind != "images"]
+        files = [f for s in sources if s.kind == "images" for f in s.files]
     else:
-        single = [u for s in plan.shards for u in (s.url, s.metadata_url) if u]
+        single = [u for s in shards for u in (s.url, s.metadata_url) if u]
         files = []
     found = fingerprints(single + files)
     out = {url: found[url] for url in single}
-    for s in plan.sources:
+    for s in sources:
         if s.kind == "images":
             out[image_shard_key(s)] = digest([f"{f} {found[f]}" for f in s.files])
     return out
@@ -347,6 +351,33 @@ def _drop_temp_files(root: str, names: frozenset[str]) -> None:
                     os.unlink(posixpath.join(directory, name))
                 except FileNotFoundError:
                     pass
+
+
+def record_refusal(plan: RunPlan, reason: str) -> None:
+    """Mark the run as stopped on what its data turned out to hold (k larger than the valid
+    items, nothing usable, duplicate ids), so that a corrected re-run may change the config."""
+    state = read_json(plan.layout.run_json)
+    state["refused"] = {"reason": reason, "at": _now()}
+    write_json(plan.layout.run_json, state)
+
+
+def restart_after_refusal(plan: RunPlan) -> RunPlan:
+    """A refused run re-run with another configuration keeps its embeddings when they still
+    apply (same input and embedding options), else starts fresh."""
+    layout = plan.layout
+    if not exists(layout.run_json):
+        return plan
+    previous = read_json(layout.run_json)
+    if not previous.get("refused") or previous.get("config") == plan.config.result_fields():
+        return plan
+    old = previous.get("config", {})
+    same_embeddings = (
+        all(old.get(k) == v for k, v in plan.config.embedding_fields().items())
+        and previous.get("sources") == [s.model_dump() for s in plan.sources]
+        and previous.get("fingerprints") == plan.fingerprints
+    )
+    mode = "reuse-embeddings" if plan.embeds and same_embeddings else "fresh"
+    return plan.model_copy(update={"config": plan.config.model_copy(update={"on_existing": mode})})
 
 
 def check_resumable(plan: RunPlan) -> None:

@@ -69,10 +69,7 @@ def storage_credentials(config: RunConfig) -> Iterator[None]:
     if config.storage_block is None:
         yield
         return
-    from prefect.blocks.system import Secret
-
-    value = Secret.load(config.storage_block).get()
-    options = json.loads(value) if isinstance(value, str) else dict(value)
+    options = _block_options(config.storage_block)
     previous = fsspec.config.conf.get("s3")
     fsspec.config.conf["s3"] = {**(previous or {}), **options}
     try:
@@ -82,6 +79,24 @@ def storage_credentials(config: RunConfig) -> Iterator[None]:
             fsspec.config.conf.pop("s3", None)
         else:
             fsspec.config.conf["s3"] = previous
+
+
+def _block_options(name: str) -> dict:
+    """The s3fs options a Prefect Secret block holds; a missing block or one that does not
+    hold a JSON object is a misconfiguration."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as exc:  # Prefect's "Unable to find block document named ..."
+        raise ConfigError(f"--storage-block {name!r}: {exc}") from None
+    try:
+        options = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--storage-block {name!r} must hold s3fs options as a JSON object")
+    return options
 
 
 @task(name="plan-run", **_common)
@@ -123,8 +138,10 @@ def embed_shard_task(plan: RunPlan, shard_index: int) -> dict:
 
 
 @task(name="plan-embedded", **_retrying)
-def plan_embedded_task(plan: RunPlan) -> RunPlan:
-    """Sizes of the dedup stages from the embeddings; recorded in run.json."""
+def plan_embedded_task(plan: RunPlan, timings: dict[str, float]) -> RunPlan:
+    """Sizes of the dedup stages from the embeddings; recorded in run.json. When nothing
+    could be embedded, every item is accounted as failed and the run stops (NoUsableItems)."""
+    results.refuse_if_nothing_usable(plan, timings)
     embedded = embedding.plan_embedded(plan)
     write_run_json(embedded)
     return embedded
