@@ -107,13 +107,18 @@ def _ieee_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _rescore(y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Canonical similarity of pairs (rows[k], cols[k]): exact products, float64 sum, one rounding."""
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=y.device)
+def canonical_dot(x: torch.Tensor, rows: torch.Tensor, c: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Canonical dot products x[rows[k]] . c[cols[k]] (float32 result).
+
+    Products of float32 are exact in float64; they are summed in float64 and rounded
+    once, so the value depends on the two vectors only, never on a batch, tile, thread
+    count or position. Used for max_sim (kernel) and centroid_sim (assignment) alike.
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, rows.shape[0], _RESCORE_CHUNK):
         stop = start + _RESCORE_CHUNK
-        a = y.index_select(0, rows[start:stop]).double()
-        b = y.index_select(0, cols[start:stop]).double()
+        a = x.index_select(0, rows[start:stop]).double()
+        b = c.index_select(0, cols[start:stop]).double()
         out[start:stop] = (a * b).sum(dim=1).float()
     return out
 
@@ -207,7 +212,7 @@ def cluster_max_sim(
             # The true argmax is within 2*band of the final screening max (see module docstring).
             live = approx >= run_max[rows] - 2 * band
             rows, cols = rows[live], cols[live]
-            vals = _rescore(yt, rows + q0, cols)
+            vals = canonical_dot(yt, rows + q0, yt, cols)
             best_val, best_col = _best_per_row(rows, cols, vals, rq)
             max_sim[q0:q1] = best_val.cpu().numpy()
             dup_of[q0:q1] = best_col.cpu().numpy()
