@@ -121,22 +121,14 @@ def tune_eps(plan: RunPlan, partition_index: dict) -> dict:
     for bucket in np.unique(bucket_of[chosen]):
         entries = partition_index["buckets"][int(bucket)]
         data = load_bucket(plan, entries, order, only_clusters=chosen)
-        parts = []
-        for cluster, lo, max_sim, dup_rows in iter_cluster_scores(plan, data):
-            sims.append(max_sim)
-            parts.append((cluster, lo, max_sim, np.where(dup_rows >= 0, dup_rows - lo, -1)))
-        write_parquet(
-            layout.tuning_sample(int(bucket)),
-            pa.table(
-                {
-                    "id": data.ids,
-                    "cluster": data.cluster.astype(np.int32),
-                    "max_sim": pa.array(np.concatenate([p[2] for p in parts]), mask=np.concatenate([p[3] for p in parts]) < 0),
-                    "dup_index": np.concatenate([p[3] for p in parts]),
-                },
-                schema=SAMPLE_SCHEMA,
-            ),
-        )
+        bucket_sims, dup_index = [], []  # dup_of as an index into the cluster's keep order
+        for _, lo, max_sim, dup_rows in iter_cluster_scores(plan, data):
+            bucket_sims.append(max_sim)
+            dup_index.append(np.where(dup_rows >= 0, dup_rows - lo, -1))
+        sims += bucket_sims
+        first = np.concatenate(dup_index) < 0
+        columns = {"id": data.ids, "cluster": data.cluster.astype(np.int32), "max_sim": pa.array(np.concatenate(bucket_sims), mask=first), "dup_index": np.concatenate(dup_index)}
+        write_parquet(layout.tuning_sample(int(bucket)), pa.table(columns, schema=SAMPLE_SCHEMA))
     max_sim = np.concatenate(sims) if sims else np.zeros(0, np.float32)
     n_scored = int(partition_index["n_assigned"])
     judged = judged_items(plan, n_scored)
