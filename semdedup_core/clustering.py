@@ -8,11 +8,12 @@ import faiss
 import numpy as np
 import torch
 
-from .kernel import canonical_dot, screening_band
+from .kernel import ieee_fp32_matmul, screening_band
 
-# Crowded rows (several centroids inside the error band) are scored against all centroids
-# this many at a time, so memory stays bounded by block x k floats.
-_CROWDED_BLOCK = 1024
+# fp32 screening scores held at once (rows x k), and (row, centroid) pairs rescored at once:
+# memory stays bounded whatever the batch and k.
+_SCREEN_SCORES = 2**23
+_RESCORE_PAIRS = 4096
 
 
 @dataclass(frozen=True)
@@ -70,56 +71,49 @@ def fit_spherical_kmeans(sample: np.ndarray, k: int, iterations: int, seed: int,
 class CentroidIndex:
     """Nearest centroid by inner product, chosen canonically.
 
-    faiss (BLAS) finds each row's best centroids; its scores depend on the batch a row is
-    in, the thread count and the device. Every centroid within the BLAS error band of the
-    best one is then rescored with the kernel's canonical dot, and the highest canonical
-    score wins, exact ties to the lowest centroid index. So a row's cluster and
-    centroid_sim depend only on the row and the centroids: bit-identical vectors get
-    bit-identical keys wherever they are.
+    An fp32 GEMM screens: its scores depend on the batch a row is in, the thread count and
+    the device, but stay within ``screening_band`` of the exact dot product. Every centroid
+    within twice that band of a row's best fp32 score (usually one) is rescored canonically,
+    as the kernel rescores max_sim: float32 products, exact in float64, summed in float64
+    and rounded once. The highest canonical score wins, exact ties to the lowest centroid
+    index. A row's cluster and centroid_sim thus depend only on the row and the centroids:
+    bit-identical vectors get bit-identical keys wherever and however they are read.
     """
 
-    def __init__(self, centroids: np.ndarray, use_gpu: bool = False):
+    def __init__(self, centroids: np.ndarray, device: str = "cpu"):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        k, d = self.centroids.shape
-        index = faiss.IndexFlatIP(d)
-        if use_gpu:
-            self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
-        index.add(self.centroids)
-        self._index = index
-        # Any centroid whose BLAS score is within 2 bands of the BLAS best may be the best.
-        self._window = 2 * screening_band(d)
+        self._centroids64 = self.centroids.astype(np.float64)
+        self._screen = torch.from_numpy(self.centroids).to(torch.device(device))
+        self._window = 2 * screening_band(self.centroids.shape[1])
 
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cluster int32, centroid_sim float32 canonical) for each row."""
-        n, k = len(vectors), len(self.centroids)
-        if n == 0:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        x = np.require(vectors, np.float32, ["C", "W"])  # torch wants writable memory
-        top = min(2, k)
-        approx, labels = self._index.search(x, top)
-        rows, cols = np.arange(n), labels[:, 0]
-        if top == 2:
-            # The runner-up is inside the window: the row may have more candidates than two,
-            # so take them all from one full row of scores (rare: rows near a cluster border).
-            crowded = np.flatnonzero(approx[:, 1] >= approx[:, 0] - self._window)
-            if len(crowded):
-                lone = np.ones(n, bool)
-                lone[crowded] = False
-                rows_parts, cols_parts = [np.flatnonzero(lone)], [labels[lone, 0]]
-                for start in range(0, len(crowded), _CROWDED_BLOCK):
-                    block = crowded[start : start + _CROWDED_BLOCK]
-                    full = x[block] @ self.centroids.T
-                    near_r, near_c = np.nonzero(full >= full.max(axis=1, keepdims=True) - self._window)
-                    rows_parts.append(block[near_r])
-                    cols_parts.append(near_c)
-                rows, cols = np.concatenate(rows_parts), np.concatenate(cols_parts)
-        sims = canonical_dot(torch.from_numpy(x), torch.from_numpy(rows), torch.from_numpy(self.centroids), torch.from_numpy(cols.astype(np.int64))).numpy()
+        """(cluster int32, canonical centroid_sim float32) for each row."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        n = len(x)
+        rows, cols = self._candidates(x)
+        sims = np.empty(len(rows), np.float32)
+        for lo in range(0, len(rows), _RESCORE_PAIRS):
+            r, c = rows[lo : lo + _RESCORE_PAIRS], cols[lo : lo + _RESCORE_PAIRS]
+            sims[lo : lo + _RESCORE_PAIRS] = (x[r].astype(np.float64) * self._centroids64[c]).sum(axis=1)
         # Per row: highest canonical score, then lowest centroid index.
         order = np.lexsort((cols, -sims, rows))
-        first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
+        first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if n else order
         cluster = np.empty(n, np.int32)
         centroid_sim = np.empty(n, np.float32)
         cluster[rows[first]] = cols[first]
         centroid_sim[rows[first]] = sims[first]
         return cluster, centroid_sim
+
+    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, centroid) pairs whose fp32 score is within the window of the row's best, by row."""
+        step = max(1, _SCREEN_SCORES // len(self.centroids))
+        rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for lo in range(0, len(x), step):
+            block = torch.from_numpy(np.require(x[lo : lo + step], requirements="W")).to(self._screen.device)
+            with ieee_fp32_matmul():
+                scores = block @ self._screen.T
+            near = scores >= scores.amax(dim=1, keepdim=True) - self._window
+            r, c = (t.cpu().numpy() for t in near.nonzero(as_tuple=True))
+            rows.append(r + lo)
+            cols.append(c)
+        return np.concatenate(rows), np.concatenate(cols)

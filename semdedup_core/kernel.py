@@ -97,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _ieee_fp32_matmul():
+def ieee_fp32_matmul():
     # TF32 on CUDA or bf16 on oneDNN would break the screening bound.
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -107,18 +107,13 @@ def _ieee_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def canonical_dot(x: torch.Tensor, rows: torch.Tensor, c: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Canonical dot products x[rows[k]] . c[cols[k]] (float32 result).
-
-    Products of float32 are exact in float64; they are summed in float64 and rounded
-    once, so the value depends on the two vectors only, never on a batch, tile, thread
-    count or position. Used for max_sim (kernel) and centroid_sim (assignment) alike.
-    """
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+def _rescore(y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Canonical similarity of pairs (rows[k], cols[k]): exact products, float64 sum, one rounding."""
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=y.device)
     for start in range(0, rows.shape[0], _RESCORE_CHUNK):
         stop = start + _RESCORE_CHUNK
-        a = x.index_select(0, rows[start:stop]).double()
-        b = c.index_select(0, cols[start:stop]).double()
+        a = y.index_select(0, rows[start:stop]).double()
+        b = y.index_select(0, cols[start:stop]).double()
         out[start:stop] = (a * b).sum(dim=1).float()
     return out
 
@@ -173,7 +168,7 @@ def cluster_max_sim(
     # upper[r, c] is True where key c is not before query r inside a diagonal tile.
     upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
 
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         for q0 in range(0, n, t):
             q1 = min(q0 + t, n)
             rq = q1 - q0
@@ -212,7 +207,7 @@ def cluster_max_sim(
             # The true argmax is within 2*band of the final screening max (see module docstring).
             live = approx >= run_max[rows] - 2 * band
             rows, cols = rows[live], cols[live]
-            vals = canonical_dot(yt, rows + q0, yt, cols)
+            vals = _rescore(yt, rows + q0, cols)
             best_val, best_col = _best_per_row(rows, cols, vals, rq)
             max_sim[q0:q1] = best_val.cpu().numpy()
             dup_of[q0:q1] = best_col.cpu().numpy()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -167,70 +168,80 @@ def _unsortable(key: int) -> np.float32:
     return np.array([bits], np.uint32).view(np.float32)[0]
 
 
-def _finite_max_sims(plan: RunPlan):
-    """Each bucket's non-null max_sim values (one bucket in memory at a time) and its null count."""
+def _finite_max_sims(plan: RunPlan) -> Iterator[np.ndarray]:
+    """Each bucket's non-null max_sim values, one bucket in memory at a time."""
     for bucket in range(plan.buckets):
         column = read_parquet(plan.layout.scores(bucket), columns=["max_sim"]).column("max_sim")
-        yield pc.drop_null(column).to_numpy(), column.null_count
+        yield pc.drop_null(column).to_numpy()
 
 
-def exact_eps(plan: RunPlan, partition_index: dict, sampled: dict) -> dict:
-    """The eps keeping round(target x judged) items (nearest reachable count when max_sim ties
-    straddle it); writes tuning/result.json. Needs every bucket scored."""
-    layout = plan.layout
-    if exists(layout.tuning_result):
-        return read_json(layout.tuning_result)
+def threshold_keeping(values: Callable[[], Iterable[np.ndarray]], n_items: int, wanted: int) -> tuple[np.float32, int]:
+    """(float32 threshold t, items kept) where ``max_sim <= t`` keeps the count nearest to
+    ``wanted`` that a threshold reachable with 0 < eps < 1 can keep (equal distance: more kept).
+
+    ``values()`` streams the finite max_sim values of ``n_items`` items (called two or three
+    times); the other items (first of their cluster) are always kept. Exact: the values are
+    counted in a histogram over their high 16 bits, then over the low 16 bits of the one
+    high bin holding the boundary.
+    """
     high = np.zeros(2**_HALF_BITS, np.int64)
-    n_first = 0
-    for values, nulls in _finite_max_sims(plan):
-        high += np.bincount(_sortable(values) >> _HALF_BITS, minlength=2**_HALF_BITS)
-        n_first += nulls
+    for chunk in values():
+        high += np.bincount(_sortable(chunk) >> _HALF_BITS, minlength=2**_HALF_BITS)
     n_values = int(high.sum())
-    judged = judged_items(plan, int(partition_index["n_assigned"]))
-    wanted = math.floor(plan.config.target_keep * judged + 0.5)
-    # Keep the first item of every cluster (always kept) and the `want` lowest max_sim values.
-    want = wanted - n_first
-    threshold, n_kept_values = _HIGHEST_THRESHOLD, 0
-    if n_values:
-        rank = min(max(want, 1), n_values)  # 1-based rank of the value at the boundary
-        value, below, at_or_below = _value_of_rank(plan, high, rank)
-        if want >= at_or_below or (want > below and at_or_below - want <= want - below):
-            threshold, n_kept_values = value, at_or_below  # keep the boundary value and its ties
-        else:
-            threshold, n_kept_values = np.nextafter(value, np.float32(-np.inf)), below
-        # eps in (0, 1) reaches thresholds in [2**-24, 1 - 2**-24] only (e.g. not exact copies at 1.0).
-        clamped = min(max(threshold, _LOWEST_THRESHOLD), _HIGHEST_THRESHOLD)
-        if clamped != threshold:
-            threshold, n_kept_values = clamped, sum(int((v <= clamped).sum()) for v, _ in _finite_max_sims(plan))
-    eps = 1.0 - float(threshold)  # exact: float32(1 - eps) == threshold
-    n_kept_scored = n_first + n_kept_values
-    result = {
-        **sampled,
-        "mode": "exact",
-        "eps": eps,
-        "target_n_kept": wanted,
-        "n_kept": n_kept_scored,
-        "n_judged": judged,
-        "achieved_kept_fraction": n_kept_scored / judged if judged else None,
-    }
-    write_json(layout.tuning_result, result)
-    return result
+    n_first = n_items - n_values
+    if not n_values:
+        return _HIGHEST_THRESHOLD, n_first
+    want = wanted - n_first  # how many finite values to keep: the lowest ones
+    rank = min(max(want, 1), n_values)  # 1-based rank of the value at the boundary
+    value, below, at_or_below = _value_of_rank(values, high, rank)
+    if want >= at_or_below or (want > below and at_or_below - want <= want - below):
+        threshold, kept = value, at_or_below  # keep the boundary value and its ties
+    else:
+        threshold, kept = np.nextafter(value, np.float32(-np.inf)), below
+    # eps in (0, 1) reaches thresholds in [2**-24, 1 - 2**-24] only (not, e.g., copies at 1.0).
+    clamped = min(max(threshold, _LOWEST_THRESHOLD), _HIGHEST_THRESHOLD)
+    if clamped != threshold:
+        threshold, kept = clamped, sum(int((chunk <= clamped).sum()) for chunk in values())
+    return np.float32(threshold), n_first + kept
 
 
-def _value_of_rank(plan: RunPlan, high: np.ndarray, rank: int) -> tuple[np.float32, int, int]:
-    """(the rank-th smallest max_sim, how many are below it, how many at or below it)."""
+def _value_of_rank(values: Callable[[], Iterable[np.ndarray]], high: np.ndarray, rank: int) -> tuple[np.float32, int, int]:
+    """(the rank-th smallest value, how many are below it, how many at or below it)."""
     cumulative = np.cumsum(high)
     top = int(np.searchsorted(cumulative, rank))  # the high half holding the rank-th value
     before = int(cumulative[top - 1]) if top else 0
     low = np.zeros(2**_HALF_BITS, np.int64)
-    for values, _ in _finite_max_sims(plan):
-        keys = _sortable(values)
+    for chunk in values():
+        keys = _sortable(chunk)
         keys = keys[keys >> _HALF_BITS == top]
         low += np.bincount(keys & (2**_HALF_BITS - 1), minlength=2**_HALF_BITS)
     cumulative_low = before + np.cumsum(low)
     bottom = int(np.searchsorted(cumulative_low, rank))
     at_or_below = int(cumulative_low[bottom])
     return _unsortable((top << _HALF_BITS) | bottom), at_or_below - int(low[bottom]), at_or_below
+
+
+def exact_eps(plan: RunPlan, partition_index: dict, sampled: dict) -> dict:
+    """The eps keeping round(target x judged) items (the nearest reachable count when max_sim
+    ties straddle it); writes tuning/result.json. Needs every bucket scored."""
+    layout = plan.layout
+    if exists(layout.tuning_result):
+        return read_json(layout.tuning_result)
+    n_scored = int(partition_index["n_assigned"])
+    judged = judged_items(plan, n_scored)
+    wanted = math.floor(plan.config.target_keep * judged + 0.5)
+    threshold, n_kept = threshold_keeping(lambda: _finite_max_sims(plan), n_scored, wanted)
+    result = {
+        **sampled,
+        "mode": "exact",
+        "eps": 1.0 - float(threshold),  # exact: float32(1 - eps) == threshold
+        "target_n_kept": wanted,
+        "n_kept": n_kept,
+        "n_judged": judged,
+        "achieved_kept_fraction": n_kept / judged if judged else None,
+    }
+    write_json(layout.tuning_result, result)
+    return result
 
 
 def warn_if_target_missed(summary: dict) -> None:

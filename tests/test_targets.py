@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from semdedup_core import dedup
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.kernel import removed_mask
 from semdedup_core.pipeline import run_pipeline
-from semdedup_core.tuning import choose_eps, sample_clusters
+from semdedup_core.tuning import choose_eps, sample_clusters, threshold_keeping
 
 from .conftest import RunResults, fast_embeddings, raw_config, run_raw, single_thread
 from .test_cli import assert_fails_cleanly, cli
@@ -149,6 +151,36 @@ def test_sample_is_sized_by_items_too():
     few = sample_clusters(sizes, 0.1, 3, min_items=1)
     assert sizes[few].sum() >= math.ceil(0.1 * sizes.sum())
     assert sample_clusters(sizes, 0.1, 3, min_items=10**6).tolist() == np.flatnonzero(sizes).tolist()
+
+
+# max_sim values of every class: ties, both zeros, negatives, exact copies at 1.0 and just above
+# (float32 rounding of a unit vector's self-similarity), tiny values, neighbours in float32.
+_SPECIAL = [0.0, -0.0, -0.5, 1.0, 1.0000001, 0.99999994, 2.0**-30, 2.0**-24, 0.5, np.nextafter(np.float32(0.5), np.float32(1))]
+max_sim_values = st.lists(st.one_of(st.sampled_from(_SPECIAL), st.floats(-1, float(np.float32(1.0000002)), width=32)), max_size=200)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=max_sim_values, n_first=st.integers(0, 5), share=st.floats(0, 1), chunk=st.integers(1, 50))
+def test_threshold_keeps_the_nearest_reachable_count(values, n_first, share, chunk):
+    finite = np.array(values, np.float32)
+    n_items = len(finite) + n_first
+    wanted = math.floor(share * n_items + 0.5)
+    calls = []
+
+    def stream():
+        calls.append(1)
+        return (finite[i : i + chunk] for i in range(0, len(finite), chunk))
+
+    threshold, kept = threshold_keeping(stream, n_items, wanted)
+    eps = 1.0 - float(threshold)
+    assert 0 < eps < 1 and np.float32(1.0 - eps) == threshold  # an eps a user can pass back
+    assert kept == n_first + int((finite <= threshold).sum())
+    # Every threshold such an eps reaches: each value, just below each value, and the two ends.
+    low, high = np.float32(2.0**-24), np.float32(1 - 2.0**-24)
+    candidates = {low, high} | {t for v in finite for t in (v, np.nextafter(v, np.float32(-np.inf))) if low <= t <= high}
+    reachable = {n_first + int((finite <= t).sum()) for t in candidates}
+    assert abs(kept - wanted) == min(abs(c - wanted) for c in reachable)
+    assert len(calls) <= 3
 
 
 def test_tuning_sample_without_a_target_is_a_misconfiguration(tmp_path):
