@@ -83,7 +83,8 @@ class CentroidIndex:
     def __init__(self, centroids: np.ndarray, device: str = "cpu"):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self._centroids64 = self.centroids.astype(np.float64)
-        self._screen = torch.from_numpy(self.centroids).to(torch.device(device))
+        # d x k, contiguous: torch's sgemm is markedly faster on it than on a transposed view.
+        self._screen = torch.from_numpy(self.centroids).to(torch.device(device)).T.contiguous()
         self._window = 2 * screening_band(self.centroids.shape[1])
 
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +112,7 @@ class CentroidIndex:
         for lo in range(0, len(x), step):
             block = torch.from_numpy(np.require(x[lo : lo + step], requirements="W")).to(self._screen.device)
             with ieee_fp32_matmul():
-                scores = block @ self._screen.T
+                scores = block @ self._screen
             near = scores >= scores.amax(dim=1, keepdim=True) - self._window
             r, c = (t.cpu().numpy() for t in near.nonzero(as_tuple=True))
             rows.append(r + lo)
