@@ -13,7 +13,7 @@ from .kernel import ieee_fp32_matmul, screening_band
 # fp32 screening scores held at once (rows x k), and (row, centroid) pairs rescored at once:
 # memory stays bounded whatever the batch and k.
 _SCREEN_SCORES = 2**23
-_RESCORE_PAIRS = 4096
+_RESCORE_PAIRS = 1024
 
 
 @dataclass(frozen=True)
@@ -90,31 +90,41 @@ class CentroidIndex:
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cluster int32, canonical centroid_sim float32) for each row."""
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        n = len(x)
-        rows, cols = self._candidates(x)
-        sims = np.empty(len(rows), np.float32)
-        for lo in range(0, len(rows), _RESCORE_PAIRS):
-            r, c = rows[lo : lo + _RESCORE_PAIRS], cols[lo : lo + _RESCORE_PAIRS]
-            sims[lo : lo + _RESCORE_PAIRS] = (x[r].astype(np.float64) * self._centroids64[c]).sum(axis=1)
-        # Per row: highest canonical score, then lowest centroid index.
-        order = np.lexsort((cols, -sims, rows))
-        first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if n else order
-        cluster = np.empty(n, np.int32)
-        centroid_sim = np.empty(n, np.float32)
-        cluster[rows[first]] = cols[first]
-        centroid_sim[rows[first]] = sims[first]
-        return cluster, centroid_sim
-
-    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row, centroid) pairs whose fp32 score is within the window of the row's best, by row."""
-        step = max(1, _SCREEN_SCORES // len(self.centroids))
-        rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        k = len(self.centroids)
+        cluster = np.empty(len(x), np.int64)
+        crowded_rows, crowded_cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        step = max(1, _SCREEN_SCORES // k)
         for lo in range(0, len(x), step):
             block = torch.from_numpy(np.require(x[lo : lo + step], requirements="W")).to(self._screen.device)
             with ieee_fp32_matmul():
                 scores = block @ self._screen
-            near = scores >= scores.amax(dim=1, keepdim=True) - self._window
-            r, c = (t.cpu().numpy() for t in near.nonzero(as_tuple=True))
-            rows.append(r + lo)
-            cols.append(c)
-        return np.concatenate(rows), np.concatenate(cols)
+            top = scores.topk(min(2, k), dim=1)
+            cluster[lo : lo + len(block)] = top.indices[:, 0].cpu().numpy()
+            if k > 1:
+                # Rows whose runner-up is inside the window (rare: near a cluster border) may
+                # have several candidates: all centroids inside the window of their best.
+                close = (top.values[:, 1] >= top.values[:, 0] - self._window).nonzero().squeeze(1)
+                if len(close):
+                    near = scores[close] >= top.values[close, :1] - self._window
+                    r, c = near.nonzero(as_tuple=True)
+                    crowded_rows.append(close[r].cpu().numpy() + lo)
+                    crowded_cols.append(c.cpu().numpy())
+        centroid_sim = self._canonical(x, np.arange(len(x)), cluster)
+        rows, cols = np.concatenate(crowded_rows), np.concatenate(crowded_cols)
+        if len(rows):
+            sims = self._canonical(x, rows, cols)
+            # Per row: highest canonical score, then lowest centroid index.
+            order = np.lexsort((cols, -sims, rows))
+            first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
+            cluster[rows[first]] = cols[first]
+            centroid_sim[rows[first]] = sims[first]
+        return cluster.astype(np.int32), centroid_sim
+
+    def _canonical(self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """x[rows] . centroids[cols]: float64 sums (numpy's fixed pairwise order along a
+        contiguous row) of exact products, rounded once to float32."""
+        out = np.empty(len(rows), np.float32)
+        for lo in range(0, len(rows), _RESCORE_PAIRS):
+            r, c = rows[lo : lo + _RESCORE_PAIRS], cols[lo : lo + _RESCORE_PAIRS]
+            out[lo : lo + _RESCORE_PAIRS] = (x[r].astype(np.float64) * self._centroids64[c]).sum(axis=1)
+        return out
