@@ -2,7 +2,8 @@
 
     plan ─▶ scan[shard] ─▶ exact duplicates ─▶ embed[shard]          (raw images or text only)
          ─▶ fit centroids (sample) ─▶ assign+partition[shard] ─▶ collect
-         ─▶ tune eps (if target_keep) ─▶ dedup[bucket] ─▶ finalize
+         ─▶ tune eps (if target_keep: the sampled prediction) ─▶ dedup[bucket]
+         ─▶ threshold (target_keep, tuning='exact': eps met on all items ─▶ apply[bucket]) ─▶ finalize
          ─▶ write[shard]                                              (if asked: the dataset back)
 """
 
@@ -16,10 +17,12 @@ from semdedup_core.results import record_written
 from semdedup_core.run import RunPlan, StageClock, record_refusal, record_stage
 from semdedup_core.sources import InputError
 from tasks.stages import (
+    apply_threshold_task,
     assign_shard_task,
     collect_partitions_task,
     configure_compute,
     embed_shard_task,
+    exact_eps_task,
     finalize_task,
     fit_centroids_task,
     plan_embedded_task,
@@ -78,10 +81,15 @@ def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
     if config.target_keep is not None:
         with clock.stage("tune", plan):
             tuning = tune_eps_task(plan, index)
-        eps = tuning["eps"]
+        eps = tuning["eps"] if config.tuning == "sample" else None
 
     with clock.stage("dedup", plan):
         score_bucket_task.map(unmapped(plan), list(range(plan.buckets)), index["buckets"], unmapped(eps)).result()
+    if eps is None:  # tuning='exact': the eps meeting the target on every scored item
+        with clock.stage("threshold", plan):
+            tuning = exact_eps_task(plan, index, tuning)
+            eps = tuning["eps"]
+            apply_threshold_task.map(unmapped(plan), list(range(plan.buckets)), unmapped(eps)).result()
     with clock.stage("finalize", plan):
         summary = finalize_task(plan, eps, tuning, dict(clock.seconds))
     if config.write_dataset or config.write_removed:

@@ -79,7 +79,17 @@ class RunConfig(BaseModel):
     eps: float | None = Field(
         None, gt=0, lt=1, description=f"Remove an item when its max similarity to an earlier item exceeds 1 - eps. Default {DEFAULT_EPS} when no target_keep is given."
     )
-    target_keep: float | None = Field(None, gt=0, lt=1, description="Tune eps so this fraction of the embedded items is kept.")
+    target_keep: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Pick eps so this fraction of the judged items is kept: judged = input minus failed items; exact copies count as removed.",
+    )
+    tuning: Literal["exact", "sample"] = Field(
+        "exact",
+        description="With target_keep: 'exact' picks, after scoring every item, the eps that keeps round(target_keep x judged) items (up to ties in max_sim); "
+        "'sample' uses the eps predicted on the tuning sample (the paper's recipe), which can miss the target.",
+    )
     keep: KeepStrategy = Field("hard", description="Which item of a duplicate group is kept: hard (far from centroid), easy, random, metadata.")
     metadata_columns: list[str] = Field(
         default_factory=list, description="For keep='metadata': columns ranking items, larger first; 'name:asc' for smaller first."
@@ -90,7 +100,12 @@ class RunConfig(BaseModel):
         64, ge=1, le=C_INT_MAX, description="k-means is fitted on a seeded sample of this many points per centroid (more: steadier centroids, slower fit)."
     )
     kmeans_iterations: int = Field(20, ge=1, le=C_INT_MAX, description="k-means iterations.")
-    tuning_cluster_fraction: float = Field(0.1, gt=0, le=1, description="Share of clusters scored to tune eps for target_keep.")
+    tuning_cluster_fraction: float = Field(
+        0.1, gt=0, le=1, description="Tuning sample for target_keep: this share of the clusters, and more clusters until it holds this share of the items."
+    )
+    tuning_min_items: int = Field(
+        10_000, ge=1, le=C_INT_MAX, description="Tuning sample for target_keep: at least this many items (or all), so a few clusters never decide."
+    )
     tile_size: int = Field(2048, ge=1, le=C_INT_MAX, description="Kernel tile: memory is bounded by tile_size^2 floats, not by a cluster's size squared.")
     buckets: int | None = Field(None, ge=1, le=C_INT_MAX, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
     device: Device = Field("auto", description="auto uses CUDA when present.")
@@ -126,6 +141,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"format {self.format!r} holds precomputed embeddings; model is only used for raw images or text")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 needs CUDA; on CPU use bf16 or fp32")
+        if self.tuning == "sample" and self.target_keep is None:
+            raise ValueError("tuning='sample' is for target_keep; with eps there is nothing to tune")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:

@@ -12,7 +12,7 @@ from .kernel import cluster_max_sim, removed_mask
 from .ordering import cluster_order
 from .partitions import BucketData, load_bucket
 from .run import RunPlan
-from .storage import exists, read_json, write_json, write_parquet
+from .storage import exists, read_json, read_parquet, write_json, write_parquet
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -39,17 +39,42 @@ def order_function(plan: RunPlan) -> OrderFn:
     return order
 
 
-def iter_cluster_scores(plan: RunPlan, data: BucketData) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(cluster, first row, max_sim, dup_of as bucket rows) for every cluster of a loaded bucket."""
+def iter_cluster_scores(plan: RunPlan, data: BucketData, scored: pa.Table | None = None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(cluster, first row, max_sim, dup_of as bucket rows) for every cluster of a loaded bucket.
+
+    Clusters found in ``scored`` (the tuning sample's scores, same keep order) are taken
+    from it instead of being scored again.
+    """
     stops = np.r_[data.starts[1:], len(data.cluster)]
+    done = _scored_clusters(scored)
     for cluster, lo, hi in zip(data.clusters, data.starts, stops):
-        scores = cluster_max_sim(data.vectors[lo:hi], tile_size=plan.config.tile_size, device=plan.device)
-        dup_rows = np.where(scores.dup_of >= 0, scores.dup_of + lo, -1)
-        yield int(cluster), int(lo), scores.max_sim, dup_rows
+        if int(cluster) in done:
+            rows = done[int(cluster)]
+            if not rows.column("id").combine_chunks().equals(data.ids.slice(lo, hi - lo)):
+                raise RuntimeError(f"cluster {cluster}: the tuning sample's scores do not match the partition; rerun with --fresh")
+            max_sim = rows.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float32)
+            dup_index = rows.column("dup_index").to_numpy()
+        else:
+            scores = cluster_max_sim(data.vectors[lo:hi], tile_size=plan.config.tile_size, device=plan.device)
+            max_sim, dup_index = scores.max_sim, scores.dup_of
+        yield int(cluster), int(lo), max_sim, np.where(dup_index >= 0, dup_index + lo, -1)
 
 
-def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float) -> dict:
-    """Write scores/bucket-N.parquet (rows in cluster, keep order) and its done marker (last)."""
+def _scored_clusters(scored: pa.Table | None) -> dict[int, pa.Table]:
+    if scored is None or scored.num_rows == 0:
+        return {}
+    cluster = scored.column("cluster").to_numpy()
+    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+    stops = np.r_[starts[1:], len(cluster)]
+    return {int(cluster[lo]): scored.slice(lo, hi - lo).combine_chunks() for lo, hi in zip(starts, stops)}
+
+
+def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float | None) -> dict:
+    """Write scores/bucket-N.parquet (rows in cluster, keep order) and its done marker (last).
+
+    With ``eps`` None (tuning='exact': eps is known only once every bucket is scored) the
+    ``kept`` column is left null until :func:`apply_threshold` fills it.
+    """
     layout = plan.layout
     done_url = layout.scores_done(bucket)
     if exists(done_url):
@@ -58,10 +83,9 @@ def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float) -> dict:
     n = len(data.cluster)
     max_sim = np.full(n, np.nan, dtype=np.float32)
     dup_rows = np.full(n, -1, dtype=np.int64)
-    for _, lo, sims, dups in iter_cluster_scores(plan, data):
+    for _, lo, sims, dups in iter_cluster_scores(plan, data, _tuning_sample(plan, bucket)):
         max_sim[lo : lo + len(sims)] = sims
         dup_rows[lo : lo + len(dups)] = dups
-    removed = removed_mask(max_sim, eps)
     has_dup = dup_rows >= 0
     dup_ids = data.ids.take(pa.array(np.where(has_dup, dup_rows, 0)))
     dup_of = pc.if_else(pa.array(has_dup), dup_ids, pa.scalar(None, pa.string()))
@@ -72,11 +96,42 @@ def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float) -> dict:
             "centroid_sim": data.centroid_sim.astype(np.float32),
             "max_sim": pa.array(max_sim, mask=~has_dup),
             "dup_of": dup_of,
-            "kept": ~removed,
+            "kept": _kept_column(max_sim, eps),
         },
         schema=SCORES_SCHEMA,
     )
     write_parquet(layout.scores(bucket), table)
-    result = {"bucket": bucket, "n_scored": n, "n_removed": int(removed.sum()), "clusters": len(data.clusters)}
+    result = {"bucket": bucket, "n_scored": n, "clusters": len(data.clusters), "eps": eps}
+    if eps is not None:
+        result["n_removed"] = int(removed_mask(max_sim, eps).sum())
     write_json(done_url, result)
     return result
+
+
+def _tuning_sample(plan: RunPlan, bucket: int) -> pa.Table | None:
+    """The tuning sample's scores of a bucket (clusters in keep order), if it was sampled."""
+    url = plan.layout.tuning_sample(bucket)
+    if plan.config.target_keep is None or not exists(url):
+        return None
+    return read_parquet(url)
+
+
+def _kept_column(max_sim: np.ndarray, eps: float | None) -> pa.Array:
+    if eps is None:
+        return pa.nulls(len(max_sim), pa.bool_())
+    return pa.array(~removed_mask(max_sim, eps))
+
+
+def apply_threshold(plan: RunPlan, bucket: int, eps: float) -> dict:
+    """Fill a scored bucket's ``kept`` column for the final eps (idempotent; marker updated last)."""
+    layout = plan.layout
+    done = read_json(layout.scores_done(bucket))
+    if done.get("eps") == eps:
+        return done
+    scores = read_parquet(layout.scores(bucket))
+    max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN: kept
+    kept = _kept_column(max_sim, eps)
+    write_parquet(layout.scores(bucket), scores.set_column(scores.schema.get_field_index("kept"), SCORES_SCHEMA.field("kept"), kept))
+    done.update(eps=eps, n_removed=int((~kept.to_numpy(zero_copy_only=False)).sum()))
+    write_json(layout.scores_done(bucket), done)
+    return done

@@ -97,7 +97,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _ieee_fp32_matmul():
+def ieee_fp32_matmul():
     # TF32 on CUDA or bf16 on oneDNN would break the screening bound.
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -168,7 +168,7 @@ def cluster_max_sim(
     # upper[r, c] is True where key c is not before query r inside a diagonal tile.
     upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
 
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         for q0 in range(0, n, t):
             q1 = min(q0 + t, n)
             rq = q1 - q0

@@ -134,7 +134,17 @@ class RunLayout:
 
     @property
     def tuning_result(self) -> str:
+        """The eps used for target_keep (sampled, or met on all items), written last."""
         return self._at("tuning", "result.json")
+
+    @property
+    def tuning_prediction(self) -> str:
+        """The sampled prediction: the tune stage's completion marker."""
+        return self._at("tuning", "sample.json")
+
+    def tuning_sample(self, bucket: int) -> str:
+        """The tuning sample's scores in a bucket, reused by the dedup stage."""
+        return self._at("tuning", f"sample-bucket-{bucket:05d}.parquet")
 
     # scores
     def scores(self, bucket: int) -> str:

@@ -83,7 +83,7 @@ def fit_centroids(plan: RunPlan) -> dict:
         raise ConfigError(f"clusters={plan.clusters} but only {len(sample)} items of the k-means sample are valid; lower --clusters")
     use_gpu = plan.device.startswith("cuda") and gpu_available()
     fit = fit_spherical_kmeans(sample, plan.clusters, cfg.kmeans_iterations, cfg.seed, use_gpu=use_gpu)
-    labels, _ = CentroidIndex(fit.centroids).assign(sample)
+    labels, _ = CentroidIndex(fit.centroids, device=plan.device).assign(sample)
     estimated = np.bincount(labels, minlength=plan.clusters).astype(np.float64) * (plan.n_input / len(sample))
     bucket_of = plan_buckets(estimated, plan.buckets)
     write_npy(layout.centroids, fit.centroids)
@@ -131,7 +131,7 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
     meta = _meta_names(plan)
     centroids = read_npy(layout.centroids)
     bucket_of = read_npy(layout.bucket_of_cluster)
-    index = CentroidIndex(centroids, use_gpu=plan.device.startswith("cuda") and gpu_available())
+    index = CentroidIndex(centroids, device=plan.device)
     schema = partition_schema(meta)
     # bucket -> [[row group, first row, rows], ...]
     row_groups: dict[int, list[list[int]]] = {}

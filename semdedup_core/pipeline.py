@@ -56,10 +56,16 @@ def _run_stages(cfg: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
     if cfg.target_keep is not None:
         with clock.stage("tune", plan):
             tuned = tuning.tune_eps(plan, index)
-        eps = tuned["eps"]
+        eps = tuned["eps"] if cfg.tuning == "sample" else None
     with clock.stage("dedup", plan):
         for bucket, entries in enumerate(index["buckets"]):
             dedup.score_bucket(plan, bucket, entries, eps)
+    if eps is None:  # tuning='exact': the eps meeting the target on every scored item
+        with clock.stage("threshold", plan):
+            tuned = tuning.exact_eps(plan, index, tuned)
+            eps = tuned["eps"]
+            for bucket in range(plan.buckets):
+                dedup.apply_threshold(plan, bucket, eps)
     with clock.stage("finalize", plan):
         summary = results.finalize(plan, eps, tuned, dict(clock.seconds))
     if cfg.write_dataset or cfg.write_removed:

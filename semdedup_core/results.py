@@ -13,6 +13,7 @@ from .partitions import FAILED_SCHEMA
 from .run import RunPlan, package_versions
 from .sources import InputError
 from .storage import parquet_writer, read_json, read_parquet, write_bytes, write_json, write_parquet
+from .tuning import warn_if_target_missed
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REPORT_TOP_PAIRS = 20
@@ -47,7 +48,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
             n_removed += removed.num_rows
             top_removed.append(removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS).cast(REMOVED_SCHEMA))
         removed_w.write_table(exact.removed)
-    n_judged = n_kept + n_removed
+    n_embedded = n_kept + n_removed
     n_exact = exact.removed.num_rows
     n_removed += n_exact
     n_failed = failed.num_rows
@@ -56,14 +57,18 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     summary = {
         "output": plan.config.output,
         "n_input": plan.n_input,
-        "n_embedded": n_judged,
+        "n_embedded": n_embedded,
+        "n_judged": plan.n_input - n_failed,
         "n_kept": n_kept,
         "n_removed": n_removed,
         "n_exact": n_exact,
         "n_failed": n_failed,
         "eps": eps,
         "target_keep": plan.config.target_keep,
-        "kept_fraction": n_kept / n_judged if n_judged else None,
+        # Of the judged items (input minus failed; exact copies count as removed), as target_keep.
+        "kept_fraction": n_kept / (plan.n_input - n_failed) if plan.n_input > n_failed else None,
+        "tuning": tuning["mode"] if tuning else None,
+        "sampled_eps": tuning["sampled_eps"] if tuning else None,
         "predicted_kept_fraction": tuning["predicted_kept_fraction"] if tuning else None,
         "clusters": plan.clusters,
         "buckets": plan.buckets,
@@ -74,6 +79,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "stage_seconds": timings,
         "versions": package_versions(),
     }
+    warn_if_target_missed(summary)
     top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
     write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
     write_json(layout.summary, summary)

@@ -186,8 +186,27 @@ def tune_eps_task(plan: RunPlan, partition_index: dict) -> dict:
 
 
 @task(name="dedup-bucket", task_run_name="dedup-bucket-{bucket}", **_retrying)
-def score_bucket_task(plan: RunPlan, bucket: int, entries: list, eps: float) -> dict:
+def score_bucket_task(plan: RunPlan, bucket: int, entries: list, eps: float | None) -> dict:
     return _compute(dedup.score_bucket, plan, bucket, entries, eps)
+
+
+@task(name="exact-eps", **_retrying)
+def exact_eps_task(plan: RunPlan, partition_index: dict, sampled: dict) -> dict:
+    result = tuning.exact_eps(plan, partition_index, sampled)
+    get_run_logger().info(
+        "eps=%.6g keeps %d of %d judged items (target %.4f; the sample predicted eps=%.6g)",
+        result["eps"],
+        result["n_kept"],
+        result["n_judged"],
+        result["target_keep"],
+        result["sampled_eps"],
+    )
+    return result
+
+
+@task(name="apply-threshold", task_run_name="apply-threshold-{bucket}", **_retrying)
+def apply_threshold_task(plan: RunPlan, bucket: int, eps: float) -> dict:
+    return dedup.apply_threshold(plan, bucket, eps)
 
 
 @task(name="finalize", **_retrying)
