@@ -101,11 +101,13 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
 
     targets = pa.concat_tables(target_kept) if target_kept else pa.table({"id": pa.array([], pa.string()), "kept_id": pa.array([], pa.string())})
     exact_kept_id = targets.column("kept_id").take(pc.index_in(exact.removed.column("dup_of"), value_set=targets.column("id").combine_chunks()))
-    exact_removed = exact.removed.append_column("kept_id", exact_kept_id)
+    exact_removed = exact.removed.append_column("kept_id", exact_kept_id).sort_by("shard")
+    exact_bounds = np.searchsorted(exact_removed.column("shard").to_numpy(), np.arange(n_shards + 1))
     removed_per_shard = np.zeros(n_shards, np.int64)
     with parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
         for shard_index in range(n_shards):
-            part = _shard_removed(plan, shard_index, spill_groups.get(shard_index, []), exact_removed)
+            copies = exact_removed.slice(exact_bounds[shard_index], exact_bounds[shard_index + 1] - exact_bounds[shard_index])
+            part = _shard_removed(plan, shard_index, spill_groups.get(shard_index, []), copies)
             removed_w.write_table(part)
             removed_per_shard[shard_index] = part.num_rows
     remove(layout.removed_spill)
@@ -211,7 +213,7 @@ def _kept_ids(scores: pa.Table) -> pa.Array:
     return ids.take(pa.array(parent))
 
 
-def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], exact_removed: pa.Table) -> pa.Table:
+def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], copies: pa.Table) -> pa.Table:
     """A shard's removed items, semantic and exact, with their source, in input order."""
     if groups:
         semantic = read_parquet(plan.layout.removed_spill, row_groups=groups)
@@ -239,7 +241,6 @@ def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], exact_rem
             "row": rows,
         }
     )
-    copies = exact_removed.filter(pc.equal(exact_removed.column("shard"), shard_index))
     if copies.num_rows:
         table = pa.concat_tables([table, copies.select(table.column_names).cast(table.schema)])
     return table.sort_by("row").drop_columns(["row"]).cast(REMOVED_SCHEMA)
