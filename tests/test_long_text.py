@@ -5,9 +5,6 @@ padding), never through the code under test."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.embedders import TextEmbedder, model_spec
 
 from .conftest import raw_config, run_raw, single_thread
+from .test_cli import cli, collapsed
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,14 +156,13 @@ def test_modes_end_to_end(mode, tiny_bert, tmp_path):
 
 def test_cli_long_text_option_and_summary_line(tiny_bert, tmp_path):
     path, _ = _shared_preamble_corpus(tmp_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, "-m", "flows.cli", "run", str(path), "--model", str(tiny_bert), "--clusters", "1", "--max-length", "12"]
-    proc = subprocess.run([*base, "--output", str(tmp_path / "a"), "--long-text", "truncate"], capture_output=True, text=True, env=env, timeout=600)
+    base = ["run", str(path), "--model", str(tiny_bert), "--clusters", "1", "--max-length", "12"]
+    proc = cli([*base, "--output", str(tmp_path / "a"), "--long-text", "truncate"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    flat = "".join(proc.stdout.split())
-    assert "textslongerthanthemodel'slimit" in flat and "3(truncate)" in flat
-    proc = subprocess.run([*base, "--output", str(tmp_path / "b"), "--no-truncation"], capture_output=True, text=True, env=env, timeout=600)
+    assert "textslongerthanthemodel'slimit3(truncate)" in collapsed(proc.stdout)
+    proc = cli([*base, "--output", str(tmp_path / "b"), "--no-truncation"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3(fail)" in "".join(proc.stdout.split())
-    bad = subprocess.run([*base, "--output", str(tmp_path / "c"), "--long-text", "cut"], capture_output=True, text=True, env=env, timeout=600)
+    assert "textslongerthanthemodel'slimit3(fail)" in collapsed(proc.stdout)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["long_text"] == "fail"
+    bad = cli([*base, "--output", str(tmp_path / "c"), "--long-text", "cut"], tmp_path)
     assert bad.returncode == 2 and "long_text" in bad.stderr and not (tmp_path / "c").exists()
