@@ -136,7 +136,6 @@ class TextEmbedder:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pooling = pooling if pooling != "auto" else default_pooling(model.config)
         self.max_length = max_length or model_max_length(self.tokenizer, model.config, path)
-        self.long_text = long_text
         self.dim = int(model.config.hidden_size)
         # Content tokens per window: the model's length less the special tokens each window gets.
         capacity = self.max_length - self.tokenizer.num_special_tokens_to_add()

@@ -101,6 +101,8 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
 
     targets = pa.concat_tables(target_kept) if target_kept else pa.table({"id": pa.array([], pa.string()), "kept_id": pa.array([], pa.string())})
     exact_kept_id = targets.column("kept_id").take(pc.index_in(exact.removed.column("dup_of"), value_set=targets.column("id").combine_chunks()))
+    if exact_kept_id.null_count:
+        raise RuntimeError("an exact copy's original was neither judged nor failed")
     exact_removed = exact.removed.append_column("kept_id", exact_kept_id).sort_by("shard")
     exact_bounds = np.searchsorted(exact_removed.column("shard").to_numpy(), np.arange(n_shards + 1))
     removed_per_shard = np.zeros(n_shards, np.int64)
