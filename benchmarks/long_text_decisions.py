@@ -90,12 +90,42 @@ def jaccard_all(m: sp.csr_matrix) -> np.ndarray:
     return inter / np.maximum(size[:, None] + size[None, :] - inter, 1)
 
 
-def run(mode: str, data: Path, work: Path) -> dict:
+def run(mode: str, data: Path, work: Path, reuse: bool) -> dict:
     out = work / f"run-{mode}"
-    cfg = RunConfig(input=[str(data)], output=str(out), long_text=mode, on_existing="fresh", device="cpu")
+    cfg = RunConfig(input=[str(data)], output=str(out), long_text=mode, on_existing="reuse-embeddings" if reuse else "fresh", device="cpu")
     summary = run_pipeline(cfg)
     removed = pq.read_table(out / "result" / "removed.parquet").to_pylist()
     return {"summary": summary, "removed": removed}
+
+
+def all_pairs(work: Path, docs: list[dict], index: dict[str, int], jac: np.ndarray, digest: list[bytes], eps: float = 0.05) -> dict:
+    """Clustering aside: every pair of embedded documents above 1 - eps, judged the same way,
+    and the share of true near-copy pairs above it, for each mode."""
+    out = {}
+    for mode in ("truncate", "chunk"):
+        table = pq.read_table(work / f"run-{mode}" / "embeddings" / "shard-00000.parquet")
+        ids = table.column("id").to_pylist()
+        x = np.asarray(table.column("embedding").combine_chunks().values, np.float32).reshape(len(ids), -1).astype(np.float64)
+        sims = x @ x.T
+        at = np.array([index[i] for i in ids])
+        iu = np.triu_indices(len(ids), 1)
+        j = jac[at[iu[0]], at[iu[1]]]
+        above = sims[iu] > np.float32(1 - eps)
+        true = j >= 0.8
+        row = {
+            "pairs_above": int(above.sum()),
+            "above_same_body": int((above & true).sum()),
+            "above_partly": int((above & (j >= 0.5) & ~true).sum()),
+            "above_different_bodies": int((above & (j < 0.5)).sum()),
+            "above_at_1.000_different_bodies": int(((sims[iu] > 0.9995) & (j < 0.5)).sum()),
+            "true_pairs": int(true.sum()),
+            "true_pairs_above": int((above & true).sum()),
+        }
+        out[mode] = row
+        print(f"all pairs, {mode}: {json.dumps(row)}")
+        for a, b in sorted(zip(iu[0][above & (j < 0.5)], iu[1][above & (j < 0.5)]), key=lambda p: -sims[p])[:15]:
+            print(f"    sim {sims[a, b]:.4f} J {jac[at[a], at[b]]:.2f}: {ids[a]}  ~  {ids[b]}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=400_000)
     p.add_argument("--workdir", default=None)
     p.add_argument("--show", type=int, default=40, help="pairs printed per class for reading")
+    p.add_argument("--reuse", action="store_true", help="keep the embeddings of earlier runs in --workdir (redo the rest)")
     p.add_argument("--out", default="/tmp/long_text_decisions.json")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="long-text-"))
@@ -122,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"n_docs": len(docs), "n_true_pairs": len(true_pairs), "modes": {}}
     for mode in ("truncate", "chunk"):
-        res = run(mode, data, work)
+        res = run(mode, data, work, args.reuse)
         s = res["summary"]
         semantic = [r for r in res["removed"] if r["reason"] == "semantic"]
         judged = [(r["id"], r["dup_of"], float(r["max_sim"]), float(jac[index[r["id"]], index[r["dup_of"]]])) for r in semantic]
@@ -149,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, rows in (("different bodies", different), ("partly the same", middle)):
             for rid, dup, sim, j in sorted(rows, key=lambda r: r[3])[: args.show]:
                 print(f"  [{label}] sim {sim:.4f} J {j:.2f} tokens~{len(docs[index[rid]]['text']) // 4}/{len(docs[index[dup]]['text']) // 4}: {rid}  <-  {dup}")
+    report["all_pairs"] = all_pairs(work, docs, index, jac, digest)
     trunc_only = {(r[0], r[1]) for r in report["modes"]["truncate"]["different"]} - {(r[0], r[1]) for r in report["modes"]["chunk"]["different"]}
     print(f"\nremoved with different bodies under truncate but not chunk: {len(trunc_only)}")
     Path(args.out).write_text(json.dumps(report, indent=1))
