@@ -24,6 +24,12 @@
     bundled all-MiniLM-L6-v2 (fp32, the CPU default; batch 64, the default), bare = the
     model forward over the same length-sorted batches tokenized beforehand.
 
+(d) What whole documents cost: ``--long-docs`` (48) generated documents of 40 to 3,000 words
+    (log-uniform, seeded) embedded by ``run_pipeline`` with ``long_text=truncate`` (each
+    document's first 256 tokens) and ``long_text=chunk`` (every token, in windows of 256
+    with 32 shared); docs/s and model windows/s from ``embed_shard``'s own seconds,
+    interleaved rounds as in (b), (c); chunk / truncate time is the cost ratio.
+
 Every timing records the cores other processes used meanwhile (``_common.ForeignLoad``):
 the reference machine is shared, compare numbers only as ratios measured in one run.
 
@@ -354,6 +360,40 @@ def part_c(work: Path, n_docs: int, seed: int, repeats: int, max_rounds: int) ->
     return rows, all(r.get("max_abs_diff_vs_bare", 0.0) < 1e-4 for r in rows)
 
 
+def long_documents(n: int, seed: int) -> list[str]:
+    """n distinct documents whose word counts are log-uniform in [40, 3000]."""
+    rng = np.random.default_rng(seed)
+    sizes = np.exp(rng.uniform(np.log(40), np.log(3000), n)).astype(int)
+    return [f"{i}. " + " ".join(rng.choice(WORDS, size=int(k))).capitalize() + "." for i, k in enumerate(sizes)]
+
+
+def part_d(work: Path, n_docs: int, seed: int, repeats: int, max_rounds: int) -> list[dict]:
+    docs = long_documents(n_docs, seed)
+    path = work / "long-docs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"l{i:06d}", "text": t}) + "\n" for i, t in enumerate(docs)))
+    configs = {mode: RunConfig(input=[str(path)], output=str(work / f"run-{mode}"), device="cpu", long_text=mode) for mode in ("truncate", "chunk")}
+    windows = load_embedder(configs["chunk"], "text", "cpu").windows(docs)
+    n_windows = {"truncate": n_docs, "chunk": len(windows.owner)}
+    tokens = {"truncate": sum(len(w) for w, f in zip(windows.ids, np.r_[True, windows.owner[1:] != windows.owner[:-1]]) if f), "chunk": sum(len(w) for w in windows.ids)}
+
+    def measure(cfg: RunConfig) -> callable:
+        def run() -> dict:
+            shutil.rmtree(cfg.output, ignore_errors=True)
+            _, foreign = timed(lambda: run_pipeline(cfg))
+            seconds, stage = embed_seconds(Path(cfg.output))
+            return {"seconds": seconds, "embed_stage_s": stage, "foreign_cores": foreign}
+
+        return run
+
+    names = {"truncate": "embed stage, long_text=truncate (first window)", "chunk": "embed stage, long_text=chunk (all windows, pooled)"}
+    results = interleaved({names[m]: measure(c) for m, c in configs.items()}, repeats, max_rounds)
+    rows = summarise("d", results, names["truncate"], {"precision": "fp32", "batch": 64}, n_docs)
+    for mode, row in zip(configs, rows):
+        row.update(windows=n_windows[mode], tokens=tokens[mode], long_docs=int(windows.long.sum()), windows_per_s=round(n_windows[mode] / row["seconds"], 2))
+        print(f"  (d) {mode}: {row['items_per_s']} docs/s, {row['windows_per_s']} windows/s ({n_windows[mode]} windows, {tokens[mode]} tokens)", file=sys.stderr, flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -366,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=None, help="(c) generated documents (default 2000; quick 256)")
     p.add_argument("--repeats", type=int, default=None, help="(b), (c): quiet interleaved rounds wanted, medians reported (default 2; quick 1)")
     p.add_argument("--max-rounds", type=int, default=None, help="(b), (c): rounds at most while waiting for quiet ones (default repeats + 2)")
-    p.add_argument("--part", default="abc", help="which parts to run, e.g. 'ab' (default abc)")
+    p.add_argument("--long-docs", type=int, default=None, help="(d) generated long documents (default 48; quick 12)")
+    p.add_argument("--part", default="abcd", help="which parts to run, e.g. 'ab' (default abcd)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default 0)")
     p.add_argument("--workdir", default=None, help="folder for the checkpoint, inputs and runs (default: a temporary folder, removed)")
@@ -376,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or (1 if args.quick else 3)
     n_images = args.images or (32 if args.quick else 128)
     n_docs = args.docs or (256 if args.quick else 2000)
+    n_long_docs = args.long_docs or (12 if args.quick else 48)
     repeats = args.repeats or (1 if args.quick else 2)
     max_rounds = max(repeats, args.max_rounds or repeats + 2)
     threads = args.threads or os.cpu_count()
@@ -401,12 +443,14 @@ def main(argv: list[str] | None = None) -> int:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
             del model
         rss["setup"] = peak_rss_mib()  # imports (+ the random checkpoint's creation)
-        for part in "abc":
+        for part in "abcd":
             if part not in args.part:
                 continue
             reset_peak_rss()
             if part == "a":
                 rows += part_a(ckpt, batch, batches)
+            elif part == "d":
+                rows += part_d(work, n_long_docs, args.seed, repeats, max_rounds)
             else:
                 part_rows, part_ok = part_b(ckpt, work, n_images, batch, args.seed, repeats, max_rounds) if part == "b" else part_c(work, n_docs, args.seed, repeats, max_rounds)
                 rows += part_rows
@@ -418,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    unit = {"a": "images/s", "b": "images/s", "c": "docs/s"}
+    unit = {"a": "images/s", "b": "images/s", "c": "docs/s", "d": "docs/s"}
     print_table(
         ["part", "measurement", "precision", "batch", "items", "seconds", "throughput", "overhead vs bare", "other-process cores"],
         [
@@ -429,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["batch"],
                 r.get("items", r["batch"] * r.get("batches", 1)),
                 f"{r['seconds']:.2f}",
-                f"{r['items_per_s']} {unit[r['part']]}",
+                f"{r['items_per_s']} {unit[r['part']]}" + (f", {r['windows_per_s']} windows/s" if "windows_per_s" in r else ""),
                 "–" if r.get("overhead") is None else f"{r['overhead']:+.1%}",
                 f"{r['foreign_cores']}" + (" (no quiet round)" if r.get("noisy") else ""),
             ]
@@ -437,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     bf = {r["precision"]: r["items_per_s"] for r in rows if r["part"] == "a"}
+    d = {r["what"]: r for r in rows if r["part"] == "d"}
+    if len(d) == 2:
+        trunc, chunk = d.values()
+        print(f"chunk / truncate embedding time: {chunk['seconds'] / trunc['seconds']:.2f}x for {chunk['windows'] / trunc['windows']:.2f}x the windows")
     if "fp32" in bf and "bf16" in bf:
         print(f"bf16 / fp32 speed-up (ViT-B-16): {bf['bf16'] / bf['fp32']:.2f}x")
     print(f"peak RSS (MiB): {json.dumps(rss)}")

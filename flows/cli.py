@@ -188,7 +188,8 @@ def run(
     image_column: Annotated[Optional[str], typer.Option("--image-column", help="Parquet column with image bytes (default 'image').")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Text pooling: auto|mean|cls|last_token.")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Text: tokens per document (default: the model's limit).")] = None,
-    truncation: Annotated[Optional[bool], typer.Option("--truncation/--no-truncation", help="Truncate long texts, or fail them.")] = None,
+    long_text: Annotated[Optional[str], typer.Option("--long-text", help="Text longer than the model's limit: chunk|truncate|fail (default chunk).")] = None,
+    truncation: Annotated[Optional[bool], typer.Option("--truncation/--no-truncation", hidden=True, help="Older spelling of --long-text truncate|fail.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="Model precision: auto|fp32|bf16|fp16.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Items per model forward pass.")] = None,
     decode_workers: Annotated[Optional[int], typer.Option("--decode-workers", help="DataLoader workers decoding images.")] = None,
@@ -231,6 +232,7 @@ def run(
             image_column=image_column,
             pooling=pooling,
             max_length=max_length,
+            long_text=long_text,
             truncation=truncation,
             precision=precision,
             batch_size=batch_size,
@@ -311,6 +313,8 @@ def print_summary(summary: dict, log: RunLog, verbose: bool) -> None:
     if summary.get("n_exact"):
         table.add_row("  of them exact copies", f"{summary['n_exact']:,}")
     table.add_row("failed", f"{summary['n_failed']:,}")
+    if summary.get("n_long_texts") is not None:
+        table.add_row("texts longer than the model's limit", f"{summary['n_long_texts']:,} ({summary['long_text']})")
     table.add_row("eps", f"{summary['eps']:.6g}")
     if summary.get("target_keep") is not None:
         table.add_row("kept fraction (target / predicted / achieved)", f"{summary['target_keep']:.4f} / {summary['predicted_kept_fraction']:.4f} / {summary['kept_fraction']:.4f}")

@@ -15,6 +15,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Modality = Literal["auto", "image", "text"]
 Pooling = Literal["auto", "mean", "cls", "last_token"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LongText = Literal["chunk", "truncate", "fail"]
 
 DEFAULT_EPS = 0.05
 # Integers handed to faiss, torch or tokenizers as C ints (k, iterations, seeds, sizes).
@@ -30,7 +31,7 @@ EXECUTION_FIELDS = frozenset(
 )
 # Fields that define the embeddings: with on_existing='reuse-embeddings' only these must match.
 EMBEDDING_FIELDS = frozenset(
-    {"input", "format", "modality", "id_column", "text_column", "image_column", "model", "pretrained", "pooling", "max_length", "truncation", "precision", "exact_dedup", "metadata_columns"}
+    {"input", "format", "modality", "id_column", "text_column", "image_column", "model", "pretrained", "pooling", "max_length", "long_text", "precision", "exact_dedup", "metadata_columns"}
 )
 
 
@@ -67,7 +68,11 @@ class RunConfig(BaseModel):
     )
     pooling: Pooling = Field("auto", description="Text pooling: mean (sentence encoders), cls, or last_token (the paper's OPT recipe). auto: last_token for causal LMs, else mean.")
     max_length: int | None = Field(None, ge=1, le=C_INT_MAX, description="Text: tokens per document (default: the model's limit).")
-    truncation: bool = Field(True, description="Text: truncate documents longer than max_length (false: they fail, named in failed.parquet).")
+    long_text: LongText = Field(
+        "chunk",
+        description="Text longer than max_length: chunk (embed it whole as overlapping windows of max_length tokens, mean-pooled), "
+        "truncate (embed its first max_length tokens only), or fail (named in failed.parquet). Counted in summary.json n_long_texts.",
+    )
     precision: Precision = Field("auto", description="Model precision: fp32, bf16 (CPU and CUDA), fp16 (CUDA). auto: fp32 on CPU, bf16 on CUDA.")
     batch_size: int = Field(64, ge=1, le=C_INT_MAX, description="Items per model forward pass.")
     decode_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes decoding images (0: in the task's own process).")
@@ -132,6 +137,20 @@ class RunConfig(BaseModel):
     def _output_without_credentials(cls, value: str) -> str:
         _refuse_credentials(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _truncation_alias(cls, data: Any) -> Any:
+        """``truncation: true|false`` (the earlier setting) means long_text truncate|fail."""
+        if isinstance(data, dict) and "truncation" in data:
+            data = dict(data)
+            truncation = data.pop("truncation")
+            if "long_text" in data:
+                raise ValueError("give long_text only (truncation is its older spelling)")
+            if not isinstance(truncation, bool):
+                raise ValueError("truncation: expected true or false")
+            data["long_text"] = "truncate" if truncation else "fail"
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

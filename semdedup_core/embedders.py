@@ -121,7 +121,7 @@ class TextEmbedder:
 
     modality = "text"
 
-    def __init__(self, spec: ModelSpec, device: str, pooling: str = "auto", max_length: int | None = None, truncation: bool = True):
+    def __init__(self, spec: ModelSpec, device: str, pooling: str = "auto", max_length: int | None = None, long_text: str = "chunk"):
         from transformers import AutoModel, AutoTokenizer
 
         self.device = torch.device(device)
@@ -136,8 +136,14 @@ class TextEmbedder:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pooling = pooling if pooling != "auto" else default_pooling(model.config)
         self.max_length = max_length or model_max_length(self.tokenizer, model.config, path)
-        self.truncation = truncation
         self.dim = int(model.config.hidden_size)
+        # Content tokens per window: the model's length less the special tokens each window gets.
+        capacity = self.max_length - self.tokenizer.num_special_tokens_to_add()
+        if capacity < 2:
+            raise ConfigError(f"max_length {self.max_length} leaves no room for text next to the model's special tokens")
+        if long_text == "chunk" and not self.tokenizer.is_fast:
+            raise ConfigError(f"long_text 'chunk' needs a fast (Rust) tokenizer; {spec.name} has none: use long_text 'truncate' or 'fail'")
+        self.overlap = window_overlap(self.max_length, capacity)
 
     def too_long(self, texts: list[str]) -> list[int | None]:
         """Token counts of the texts longer than max_length (None for the others)."""
@@ -146,9 +152,81 @@ class TextEmbedder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
+        """One batch of texts, each cut to max_length tokens."""
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state.float()
         return pool(hidden, batch["attention_mask"], self.pooling).cpu().numpy()
+
+    def windows(self, texts: list[str]) -> Windows:
+        """Every text as windows of at most max_length tokens, each with the model's special
+        tokens, consecutive windows sharing ``overlap`` tokens (the tokenizer's own
+        overflow mechanism). A text that fits is one window, identical to ``encode``'s input."""
+        if not self.tokenizer.is_fast:  # (truncate / fail only) each text's first window
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            return Windows(list(encoded["input_ids"]), np.arange(len(texts)), np.array([n is not None for n in self.too_long(texts)], bool))
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, stride=self.overlap, return_overflowing_tokens=True)
+        owner = np.asarray(encoded["overflow_to_sample_mapping"], np.int64).reshape(-1)
+        return Windows(list(encoded["input_ids"]), owner, np.bincount(owner, minlength=len(texts)) > 1)
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token-id sequences (each already with its special tokens) -> (unit vectors, token counts)."""
+        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"]
+        return pool(hidden, mask, self.pooling).cpu().numpy(), mask.sum(1).cpu().numpy()
+
+    def encode_windows(self, windows: Windows, batch_size: int) -> np.ndarray:
+        """One L2-normalised vector per text: its windows embedded in batches of similar
+        length (as for whole texts, so a window's embedding does not depend on what else is
+        in the batch beyond padding), then the unit window vectors averaged, weighted by
+        their token counts (a short last window weighs little), and renormalised.
+        A one-window text gets its window's vector unchanged."""
+        n = len(windows.long)
+        if not len(windows.owner):
+            return np.zeros((n, self.dim), np.float32)
+        vectors = np.zeros((len(windows.owner), self.dim), np.float32)
+        weights = np.zeros(len(windows.owner), np.float64)
+        by_length = np.argsort([len(w) for w in windows.ids], kind="stable")
+        for b in range(0, len(by_length), batch_size):
+            pick = by_length[b : b + batch_size]
+            vectors[pick], weights[pick] = self.encode_ids([windows.ids[i] for i in pick])
+        counts = np.bincount(windows.owner, minlength=n)
+        out = np.zeros((n, self.dim), np.float32)
+        single = counts[windows.owner] == 1
+        out[windows.owner[single]] = vectors[single]
+        if (~single).any():
+            pooled = np.zeros((n, self.dim), np.float64)
+            np.add.at(pooled, windows.owner[~single], vectors[~single].astype(np.float64) * weights[~single, None])
+            multi = np.flatnonzero(counts > 1)
+            out[multi] = (pooled[multi] / np.linalg.norm(pooled[multi], axis=1, keepdims=True)).astype(np.float32)
+        return out
+
+
+@dataclass
+class Windows:
+    """Token windows of a list of texts: ``ids[i]`` belongs to text ``owner[i]`` (a text's
+    windows are consecutive, texts in order); ``long[t]``: text t is longer than max_length."""
+
+    ids: list[list[int]]
+    owner: np.ndarray  # int64, non-decreasing
+    long: np.ndarray  # bool, one per text
+
+    def first_only(self) -> Windows:
+        """Each text's first window: the text cut to max_length tokens."""
+        first = np.r_[True, self.owner[1:] != self.owner[:-1]] if len(self.owner) else np.zeros(0, bool)
+        return Windows([w for w, f in zip(self.ids, first) if f], self.owner[first], self.long)
+
+    def select(self, texts: np.ndarray) -> Windows:
+        """The windows of the given texts (sorted indices), renumbered 0..len(texts)-1."""
+        keep = np.isin(self.owner, texts)
+        return Windows([w for w, k in zip(self.ids, keep) if k], np.searchsorted(texts, self.owner[keep]), self.long[texts])
+
+
+def window_overlap(max_length: int, capacity: int) -> int:
+    """Tokens shared by consecutive windows: an eighth of the model's length (32 of 256), so
+    a sentence cut at a window's end is seen whole in the next one, at ~14 % extra compute."""
+    return max(0, min(capacity - 1, max_length // 8))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -208,12 +286,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(spec: ModelSpec, device: str, pooling: str, max_length: int | None, truncation: bool) -> ImageEmbedder | TextEmbedder:
+def _load(spec: ModelSpec, device: str, pooling: str, max_length: int | None, long_text: str) -> ImageEmbedder | TextEmbedder:
     if spec.modality == "image":
         return ImageEmbedder(spec, device)
-    return TextEmbedder(spec, device, pooling, max_length, truncation)
+    return TextEmbedder(spec, device, pooling, max_length, long_text)
 
 
 def load_embedder(cfg: RunConfig, modality: str, device: str) -> ImageEmbedder | TextEmbedder:
     """The run's model, loaded once per process (mapped embedding tasks share it)."""
-    return _load(model_spec(cfg, modality, device), device, cfg.pooling, cfg.max_length, cfg.truncation)
+    return _load(model_spec(cfg, modality, device), device, cfg.pooling, cfg.max_length, cfg.long_text)

@@ -36,7 +36,8 @@ from .sources import Shard, duplicate_id_error, first_duplicate_id, printable, u
 from .storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
 
 HASH_BYTES = 16
-# Text is embedded in chunks sorted by length, so a batch pads to similar lengths.
+# Text is tokenized in chunks of this many texts whose windows are sorted by length, so a
+# batch pads to similar lengths.
 TEXT_SORT_CHUNK = 4096
 EXACT_SCHEMA = pa.schema([("id", pa.string()), ("dup_of", pa.string()), ("shard", pa.int32()), ("row", pa.int64()), ("source", pa.string())])
 
@@ -265,24 +266,28 @@ def _embed_images(embedder: ImageEmbedder, shard: RawShard, todo: pa.Table, cfg:
         yield rows, vectors, failures
 
 
-def _embed_texts(embedder: TextEmbedder, todo: pa.Table, cfg: RunConfig):
+def _embed_texts(embedder: TextEmbedder, todo: pa.Table, cfg: RunConfig, counts: dict[str, int]):
+    """Texts in chunks tokenized once into windows; a text longer than the model's limit is
+    chunked (all its windows pooled), truncated (its first window) or failed, per
+    ``cfg.long_text``, and counted in ``counts["n_long_texts"]``."""
     rows = todo.column("row").to_numpy()
     texts = todo.column("text").to_pylist()
     for lo in range(0, len(texts), TEXT_SORT_CHUNK):
         chunk_rows, chunk = rows[lo : lo + TEXT_SORT_CHUNK], texts[lo : lo + TEXT_SORT_CHUNK]
+        windows = embedder.windows(chunk)
+        counts["n_long_texts"] += int(windows.long.sum())
         failures = []
-        if not embedder.truncation:
-            too_long = embedder.too_long(chunk)
-            failures = [(int(r), f"text has {n} tokens, more than max_length {embedder.max_length} (truncation is off)") for r, n in zip(chunk_rows, too_long) if n]
-            keep = [n is None for n in too_long]
-            chunk_rows = chunk_rows[np.array(keep, dtype=bool)]
-            chunk = [t for t, k in zip(chunk, keep) if k]
-        by_length = np.argsort([len(t) for t in chunk], kind="stable")
-        for b in range(0, len(chunk), cfg.batch_size):
-            pick = by_length[b : b + cfg.batch_size]
-            yield chunk_rows[pick], embedder.encode([chunk[i] for i in pick]), failures
-            failures = []
-        if failures:
+        if cfg.long_text == "fail" and windows.long.any():
+            long_at = np.flatnonzero(windows.long)
+            tokens = embedder.too_long([chunk[i] for i in long_at])
+            failures = [(int(chunk_rows[i]), f"text has {n} tokens, more than max_length {embedder.max_length} (truncation is off)") for i, n in zip(long_at, tokens)]
+            fits = np.flatnonzero(~windows.long)
+            windows, chunk_rows = windows.select(fits), chunk_rows[fits]
+        if cfg.long_text != "chunk":
+            windows = windows.first_only()
+        if len(chunk_rows):
+            yield chunk_rows, embedder.encode_windows(windows, cfg.batch_size), failures
+        elif failures:
             yield np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), failures
 
 
@@ -307,8 +312,9 @@ def embed_shard(plan: RunPlan, shard_index: int) -> dict:
     failures: list[tuple[int, str]] = []
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     embedder = load_embedder(cfg, shard.modality, plan.device)
+    long_texts = {"n_long_texts": 0}
     if todo.num_rows:
-        batches = _embed_images(embedder, shard, todo, cfg, plan.device) if shard.modality == "image" else _embed_texts(embedder, todo, cfg)
+        batches = _embed_images(embedder, shard, todo, cfg, plan.device) if shard.modality == "image" else _embed_texts(embedder, todo, cfg, long_texts)
         for rows, vectors, batch_failures in batches:
             parts.append((rows, vectors))
             failures += batch_failures
@@ -332,6 +338,8 @@ def embed_shard(plan: RunPlan, shard_index: int) -> dict:
         "dim": embedder.dim,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if shard.modality == "text":  # longer than the model's limit: chunked, truncated or failed
+        result.update(n_long_texts=long_texts["n_long_texts"], long_text=cfg.long_text)
     write_json(done_url, result)
     return result
 

@@ -167,6 +167,11 @@ class RunLayout:
         return self._at("result", "failed.parquet")
 
     @property
+    def removed_spill(self) -> str:
+        """finalize's removed rows between its two passes (deleted when it ends)."""
+        return self._at("result", "removed.by-shard.parquet")
+
+    @property
     def summary(self) -> str:
         return self._at("result", "summary.json")
 

@@ -6,54 +6,129 @@ import html
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .partitions import FAILED_SCHEMA
 from .run import RunPlan, package_versions
 from .sources import InputError
-from .storage import parquet_writer, read_json, read_parquet, write_bytes, write_json, write_parquet
+from .storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
 from .tuning import warn_if_target_missed
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REPORT_TOP_PAIRS = 20
+REPORT_TOP_SOURCES = 20
 # reason: "semantic" (max_sim > 1 - eps inside a cluster) or "exact" (identical content,
-# resolved before embedding: no max_sim, no cluster).
+# resolved before embedding: no max_sim, no cluster). kept_id: the kept item the removed
+# item's group resolves to (dup_of followed until a kept item); source: where it lives.
 REMOVED_SCHEMA = pa.schema(
-    [("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("reason", pa.string())]
+    [
+        ("id", pa.string()),
+        ("dup_of", pa.string()),
+        ("max_sim", pa.float32()),
+        ("cluster", pa.int32()),
+        ("reason", pa.string()),
+        ("kept_id", pa.string()),
+        ("source", pa.string()),
+    ]
 )
+# Removed rows between the two passes of finalize, grouped by input shard.
+_SPILL_SCHEMA = pa.schema(
+    [("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("kept_id", pa.string()), ("shard", pa.int32()), ("row", pa.int64())]
+)
+_SPILL_FLUSH_ROWS = 131072
 
 
 def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
-    """Every input item ends in exactly one of kept / removed / failed; summary.json is written last."""
+    """Every input item ends in exactly one of kept / removed / failed; summary.json is written last.
+
+    Two streaming passes, memory bounded by a bucket and a shard, never by the run:
+    1. per bucket of clusters: kept ids out; each removed item's kept_id found by following
+       dup_of inside the bucket (a cluster never points outside itself); removed rows
+       spilled grouped by input shard.
+    2. per input shard: its removed rows (semantic and exact copies) get their source and
+       are written in input order.
+    """
     layout = plan.layout
+    names = [s.name for s in (plan.sources if plan.embeds else plan.shards)]
+    n_shards = len(names)
     failed_parts = [read_parquet(layout.embeddings_failed(s.index)) for s in plan.sources]
     failed_parts += [read_parquet(layout.partition_failed(s.index)) for s in plan.shards]
+    failed_per_shard = np.zeros(n_shards, np.int64)
+    for shard, part in zip([*plan.sources, *plan.shards], failed_parts):
+        failed_per_shard[shard.index] += part.num_rows
     failed = pa.concat_tables([t.cast(FAILED_SCHEMA) for t in failed_parts])
     exact = _exact_copies(plan, failed)
-    failed = pa.concat_tables([failed, exact.failed])
+    failed = pa.concat_tables([failed, exact.failed.select(FAILED_SCHEMA.names)])
+    failed_per_shard += np.bincount(exact.failed.column("shard").to_numpy(), minlength=n_shards)
     write_parquet(layout.failed, failed)
+
+    partition_index = read_json(layout.partition_index)
+    exact_targets = pc.unique(exact.removed.column("dup_of").combine_chunks())
+    target_kept: list[pa.Table] = []  # (id, kept_id) of the items exact copies point to
+    kept_per_shard = np.zeros(n_shards, np.int64)
+    spill_groups: dict[int, list[int]] = {}  # shard -> row groups of the spill file
     n_kept = n_removed = 0
     top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
-    with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
+    with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed_spill, _SPILL_SCHEMA) as spill_w:
+        spill = _Spill(spill_w, spill_groups)
         for bucket in range(plan.buckets):
             scores = read_parquet(layout.scores(bucket))
+            where = _bucket_rows(plan, partition_index["buckets"][bucket])
+            at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
+            shard, row = where.column("shard").take(at), where.column("row").take(at)
             kept_mask = scores.column("kept")
-            kept = scores.filter(kept_mask).select(["id"])
-            removed = scores.filter(pc.invert(kept_mask)).select(["id", "dup_of", "max_sim", "cluster"])
-            removed = removed.append_column("reason", pa.array(["semantic"] * removed.num_rows, pa.string()))
-            kept_w.write_table(kept.cast(KEPT_SCHEMA))
-            removed_w.write_table(removed.cast(REMOVED_SCHEMA))
-            n_kept += kept.num_rows
+            kept_id = _kept_ids(scores)
+            kept_w.write_table(scores.filter(kept_mask).select(["id"]).cast(KEPT_SCHEMA))
+            kept_per_shard += np.bincount(shard.filter(kept_mask).to_numpy(), minlength=n_shards)
+            target_kept.append(pa.table({"id": scores.column("id"), "kept_id": kept_id}).filter(pc.is_in(scores.column("id"), value_set=exact_targets)))
+            gone = pc.invert(kept_mask)
+            removed = pa.table(
+                {
+                    "id": scores.column("id"),
+                    "dup_of": scores.column("dup_of"),
+                    "max_sim": scores.column("max_sim"),
+                    "cluster": scores.column("cluster"),
+                    "kept_id": kept_id,
+                    "shard": shard,
+                    "row": row,
+                }
+            ).filter(gone)
+            spill.add(removed.cast(_SPILL_SCHEMA))
+            n_kept += scores.num_rows - removed.num_rows
             n_removed += removed.num_rows
-            top_removed.append(removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS).cast(REMOVED_SCHEMA))
-        removed_w.write_table(exact.removed)
+            top = removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS)
+            top_removed.append(top.select(["id", "dup_of", "max_sim", "cluster"]))
+        spill.flush()
+
+    targets = pa.concat_tables(target_kept) if target_kept else pa.table({"id": pa.array([], pa.string()), "kept_id": pa.array([], pa.string())})
+    exact_kept_id = targets.column("kept_id").take(pc.index_in(exact.removed.column("dup_of"), value_set=targets.column("id").combine_chunks()))
+    if exact_kept_id.null_count:
+        raise RuntimeError("an exact copy's original was neither judged nor failed")
+    exact_removed = exact.removed.append_column("kept_id", exact_kept_id).sort_by("shard")
+    exact_bounds = np.searchsorted(exact_removed.column("shard").to_numpy(), np.arange(n_shards + 1))
+    removed_per_shard = np.zeros(n_shards, np.int64)
+    with parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
+        for shard_index in range(n_shards):
+            copies = exact_removed.slice(exact_bounds[shard_index], exact_bounds[shard_index + 1] - exact_bounds[shard_index])
+            part = _shard_removed(plan, shard_index, spill_groups.get(shard_index, []), copies)
+            removed_w.write_table(part)
+            removed_per_shard[shard_index] = part.num_rows
+    remove(layout.removed_spill)
+
     n_embedded = n_kept + n_removed
     n_exact = exact.removed.num_rows
     n_removed += n_exact
     n_failed = failed.num_rows
     if n_kept + n_removed + n_failed != plan.n_input:
         raise RuntimeError(f"accounting error: kept {n_kept} + removed {n_removed} + failed {n_failed} != input {plan.n_input}")
+    input_per_shard = _input_per_shard(plan, n_shards)
+    per_source = [
+        {"source": name, "input": int(i), "kept": int(k), "removed": int(r), "failed": int(f)}
+        for name, i, k, r, f in zip(names, input_per_shard, kept_per_shard, removed_per_shard, failed_per_shard)
+    ]
+    long_texts = _long_texts(plan)
     summary = {
         "output": plan.config.output,
         "n_input": plan.n_input,
@@ -63,6 +138,8 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "n_removed": n_removed,
         "n_exact": n_exact,
         "n_failed": n_failed,
+        "n_long_texts": long_texts,
+        "long_text": plan.config.long_text if long_texts is not None else None,
         "eps": eps,
         "target_keep": plan.config.target_keep,
         # Of the judged items (input minus failed; exact copies count as removed), as target_keep.
@@ -78,6 +155,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "embedder": plan.embedder,
         "stage_seconds": timings,
         "versions": package_versions(),
+        "per_source": per_source,
     }
     warn_if_target_missed(summary)
     top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
@@ -86,33 +164,148 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     return summary
 
 
+class _Spill:
+    """Removed rows buffered, then written as one row group per input shard."""
+
+    def __init__(self, writer, groups: dict[int, list[int]]):
+        self.writer, self.groups = writer, groups
+        self.buffer: list[pa.Table] = []
+        self.n_buffered = self.n_groups = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.n_buffered += table.num_rows
+        if self.n_buffered >= _SPILL_FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.n_buffered:
+            return
+        table = pa.concat_tables(self.buffer).sort_by("shard")
+        shards = table.column("shard").to_numpy()
+        starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+        for lo, hi in zip(starts, np.r_[starts[1:], len(shards)]):
+            self.writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+            self.groups.setdefault(int(shards[lo]), []).append(self.n_groups)
+            self.n_groups += 1
+        self.buffer, self.n_buffered = [], 0
+
+
+def _bucket_rows(plan: RunPlan, entries: list) -> pa.Table:
+    """id, shard, row (in the shard the dedup stages read) of a bucket's items, from its partitions."""
+    parts = []
+    for shard_index, groups in entries:
+        t = read_parquet(plan.layout.partition(shard_index), columns=["id", "row"], row_groups=[g for g, _, _ in groups])
+        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, shard_index, np.int32))))
+    if not parts:
+        return pa.table({"id": pa.array([], pa.string()), "row": pa.array([], pa.int64()), "shard": pa.array([], pa.int32())})
+    return pa.concat_tables(parts)
+
+
+def _kept_ids(scores: pa.Table) -> pa.Array:
+    """For every scored item, the kept item its group resolves to (itself when kept): dup_of
+    followed until a kept item, by pointer jumping (log of the chain length in steps)."""
+    ids = scores.column("id").combine_chunks()
+    kept = scores.column("kept").to_numpy(zero_copy_only=False)
+    parent = np.arange(len(ids))
+    gone = np.flatnonzero(~kept)
+    at = pc.index_in(scores.column("dup_of").combine_chunks().take(pa.array(gone)), value_set=ids)
+    if at.null_count:
+        raise RuntimeError("a removed item's dup_of is not in its bucket")
+    parent[gone] = at.to_numpy(zero_copy_only=False)
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            break
+        parent = grand
+    if not kept[parent].all():
+        raise RuntimeError("a duplicate chain does not end at a kept item")
+    return ids.take(pa.array(parent))
+
+
+def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], copies: pa.Table) -> pa.Table:
+    """A shard's removed items, semantic and exact, with their source, in input order."""
+    if groups:
+        semantic = read_parquet(plan.layout.removed_spill, row_groups=groups)
+    else:
+        semantic = _SPILL_SCHEMA.empty_table()
+    if plan.embeds:
+        # The dedup stages read the run's own embeddings shard: its rows are not the input's.
+        scan = read_parquet(plan.layout.scan(shard_index), columns=["row", "id", "source"])
+        at = pc.index_in(semantic.column("id"), value_set=scan.column("id").combine_chunks())
+        rows, sources = scan.column("row").take(at), scan.column("source").take(at)
+    else:
+        rows = semantic.column("row")
+        name = plan.shards[shard_index].name
+        sources = pa.array([f"{name} row {r}" for r in rows.to_pylist()], pa.string())
+    n = semantic.num_rows
+    table = pa.table(
+        {
+            "id": semantic.column("id"),
+            "dup_of": semantic.column("dup_of"),
+            "max_sim": semantic.column("max_sim"),
+            "cluster": semantic.column("cluster"),
+            "reason": pa.array(["semantic"] * n, pa.string()),
+            "kept_id": semantic.column("kept_id"),
+            "source": sources,
+            "row": rows,
+        }
+    )
+    if copies.num_rows:
+        table = pa.concat_tables([table, copies.select(table.column_names).cast(table.schema)])
+    return table.sort_by("row").drop_columns(["row"]).cast(REMOVED_SCHEMA)
+
+
+def _input_per_shard(plan: RunPlan, n_shards: int) -> np.ndarray:
+    if plan.embeds:
+        return np.array([read_json(plan.layout.embeddings_done(s.index))["n_items"] for s in plan.sources], np.int64)
+    return np.array([s.n_rows for s in plan.shards], np.int64)
+
+
+def _long_texts(plan: RunPlan) -> int | None:
+    """Texts longer than the model's limit (chunked, truncated or failed), None for no text."""
+    if not plan.embeds:
+        return None
+    counts = [read_json(plan.layout.embeddings_done(s.index)).get("n_long_texts") for s in plan.sources]
+    counts = [c for c in counts if c is not None]
+    return sum(counts) if counts else None
+
+
 @dataclass
 class _ExactCopies:
-    removed: pa.Table  # REMOVED_SCHEMA, reason "exact"
-    failed: pa.Table  # FAILED_SCHEMA: copies of an item that failed (they would fail the same way)
+    removed: pa.Table  # id, dup_of, max_sim, cluster, reason ("exact"), source, shard, row
+    failed: pa.Table  # FAILED_SCHEMA + shard: copies of an item that failed (they would fail the same way)
 
 
 def _exact_copies(plan: RunPlan, failed: pa.Table) -> _ExactCopies:
     """Exact copies resolved before embedding, split by whether the item they copy made it."""
-    if not plan.embeds:
-        return _ExactCopies(REMOVED_SCHEMA.empty_table(), FAILED_SCHEMA.empty_table())
-    exact = read_parquet(plan.layout.exact_duplicates, columns=["id", "dup_of", "source"])
+    exact = read_parquet(plan.layout.exact_duplicates, columns=["id", "dup_of", "source", "shard", "row"]) if plan.embeds else None
+    if exact is None:
+        exact = pa.table({"id": pa.array([], pa.string()), "dup_of": pa.array([], pa.string()), "source": pa.array([], pa.string()), "shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64())})
     failed_ids = failed.column("id").combine_chunks()
     of_failed = pc.is_in(exact.column("dup_of"), value_set=failed_ids)
     ok, bad = exact.filter(pc.invert(of_failed)), exact.filter(of_failed)
     errors = failed.column("error").take(pc.index_in(bad.column("dup_of"), value_set=failed_ids)).to_pylist()
     n = ok.num_rows
     removed = pa.table(
-        {"id": ok.column("id"), "dup_of": ok.column("dup_of"), "max_sim": pa.nulls(n, pa.float32()), "cluster": pa.nulls(n, pa.int32()), "reason": pa.array(["exact"] * n, pa.string())},
-        schema=REMOVED_SCHEMA,
+        {
+            "id": ok.column("id"),
+            "dup_of": ok.column("dup_of"),
+            "max_sim": pa.nulls(n, pa.float32()),
+            "cluster": pa.nulls(n, pa.int32()),
+            "reason": pa.array(["exact"] * n, pa.string()),
+            "source": ok.column("source"),
+            "shard": ok.column("shard"),
+            "row": ok.column("row"),
+        }
     )
     failed_copies = pa.table(
         {
             "id": bad.column("id"),
             "source": bad.column("source"),
             "error": pa.array([f"exact copy of {o}, which failed: {e}" for o, e in zip(bad.column("dup_of").to_pylist(), errors)], pa.string()),
-        },
-        schema=FAILED_SCHEMA,
+            "shard": bad.column("shard"),
+        }
     )
     return _ExactCopies(removed, failed_copies)
 
@@ -185,7 +378,14 @@ def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
     stats = read_json(layout.clustering_stats)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"
-        for k in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
+        for k in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed", "n_long_texts", "long_text", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
+    )
+    # The files that lost the largest share of their items first.
+    worst = sorted(summary["per_source"], key=lambda r: -(r["removed"] + r["failed"]) / max(r["input"], 1))[:REPORT_TOP_SOURCES]
+    sources = "".join(
+        f"<tr><td>{html.escape(r['source'])}</td><td>{r['input']}</td><td>{r['kept']}</td><td>{r['removed']}</td><td>{r['failed']}</td>"
+        f"<td>{(r['removed'] + r['failed']) / max(r['input'], 1):.1%}</td></tr>"
+        for r in worst
     )
     stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary["stage_seconds"].items())
     pairs = "".join(
@@ -203,6 +403,10 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 {stats['iterations']} iterations, final imbalance factor {imbalance:.3f}</p>
 <h2>Most similar removed items</h2>
 <table><tr><th>removed</th><th>duplicate of</th><th>max_sim</th><th>cluster</th></tr>{pairs}</table>
-<p>Exact copies (identical content, removed before embedding) are listed in result/removed.parquet with reason "exact".</p>
+<p>Exact copies (identical content, removed before embedding) are listed in result/removed.parquet with reason "exact".
+Every removed row names the kept item its group resolves to (kept_id) and where it lives (source).</p>
+<h2>Per source</h2><p>{len(summary['per_source'])} input files; the {len(worst)} that lost the largest share of their items
+(all of them in result/summary.json per_source):</p>
+<table><tr><th>source</th><th>input</th><th>kept</th><th>removed</th><th>failed</th><th>lost</th></tr>{sources}</table>
 </body></html>
 """

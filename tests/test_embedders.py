@@ -162,7 +162,7 @@ def _hidden(tokenizer, model, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
 def _text_embedder(folder: Path, **kw) -> TextEmbedder:
     """A fresh (uncached) embedder: tests below change its tokenizer."""
     cfg = _cfg(model=str(folder), **kw)
-    return TextEmbedder(model_spec(cfg, "text", "cpu"), "cpu", cfg.pooling, cfg.max_length, cfg.truncation)
+    return TextEmbedder(model_spec(cfg, "text", "cpu"), "cpu", cfg.pooling, cfg.max_length, cfg.long_text)
 
 
 TEXTS = ["w1 w2 w3", "a b", "w10 w11 w12 w13 w14 w15 w16", "q", "w5 x y z w6"]
@@ -266,16 +266,18 @@ def test_max_length_too_long_and_truncation(tiny_bert):
 
 
 def test_truncation_off_fails_long_texts(tiny_bert):
-    cfg = _cfg(model=str(tiny_bert), max_length=8, truncation=False, batch_size=2)
+    cfg = _cfg(model=str(tiny_bert), max_length=8, long_text="fail", batch_size=2)
     emb = load_embedder(cfg, "text", "cpu")
     texts = ["w1 w2", " ".join(f"w{i}" for i in range(7)), "w3", " ".join(f"w{i}" for i in range(6))]
     todo = pa.table({"row": pa.array([10, 11, 12, 13], pa.int64()), "text": texts})
     rows, vectors, failures = [], [], []
-    for r, v, f in _embed_texts(emb, todo, cfg):
+    counts = {"n_long_texts": 0}
+    for r, v, f in _embed_texts(emb, todo, cfg, counts):
         rows += list(r)
         vectors.append(v)
         failures += f
     assert failures == [(11, "text has 9 tokens, more than max_length 8 (truncation is off)")]
+    assert counts == {"n_long_texts": 1}
     assert sorted(rows) == [10, 12, 13]
     by_row = dict(zip(rows, np.concatenate(vectors)))
     np.testing.assert_allclose(by_row[13], emb.encode([texts[3]])[0], rtol=1e-5, atol=1e-6)

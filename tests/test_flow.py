@@ -187,6 +187,8 @@ def test_run_layout_and_schemas(eps_run, dataset):
         ("max_sim", pa.float32()),
         ("cluster", pa.int32()),
         ("reason", pa.string()),
+        ("kept_id", pa.string()),
+        ("source", pa.string()),
     ]
     assert {r["reason"] for r in pq.read_table(out / "result" / "removed.parquet").to_pylist()} == {"semantic"}
     assert [(f.name, f.type) for f in pq.read_schema(out / "result" / "failed.parquet")] == [
@@ -196,7 +198,8 @@ def test_run_layout_and_schemas(eps_run, dataset):
     ]
     stored = json.loads((out / "result" / "summary.json").read_text())
     assert stored == json.loads(json.dumps(summary))
-    for key in ("n_input", "n_embedded", "n_kept", "n_removed", "n_failed", "eps", "target_keep", "kept_fraction", "clusters", "stage_seconds", "versions"):
+    assert not (out / "result" / "removed.by-shard.parquet").exists()  # finalize's spill is gone
+    for key in ("n_input", "n_embedded", "n_kept", "n_removed", "n_failed", "eps", "target_keep", "kept_fraction", "clusters", "stage_seconds", "versions", "per_source"):
         assert key in stored, key
     assert stored["n_input"] == n and stored["n_failed"] == 2 and stored["n_embedded"] == n - 2
     assert stored["n_kept"] + stored["n_removed"] == stored["n_embedded"]

@@ -65,7 +65,10 @@ def test_flow_from_tars_to_kept_removed_failed_and_dataset(tars, tiny_clip, tmp_
 
     copy, original = tars["exact"]
     exact = [r for r in removed if r["reason"] == "exact"]
-    assert exact == [{"id": copy, "dup_of": original, "max_sim": None, "cluster": None, "reason": "exact"}]
+    assert [{k: r[k] for k in ("id", "dup_of", "max_sim", "cluster", "reason")} for r in exact] == [
+        {"id": copy, "dup_of": original, "max_sim": None, "cluster": None, "reason": "exact"}
+    ]
+    assert exact[0]["source"] == f"{tars['paths'][1]} member {copy}.png" and exact[0]["kept_id"] in kept
     by_id = {f["id"]: f for f in failed}
     assert "cannot decode image" in by_id[tars["corrupt"]]["error"] and str(tars["paths"][1]) in by_id[tars["corrupt"]]["source"]
     assert "no image" in by_id[tars["no_image"]]["error"] and str(tars["paths"][0]) in by_id[tars["no_image"]]["source"]
