@@ -19,9 +19,9 @@ _ARTIFACTS = {
     "embeddings": re.compile(rf"{_SHARD}(?:\.failed)?\.parquet|{_SHARD}\.json"),
     "clustering": re.compile(r"centroids\.npy|bucket_of_cluster\.npy|fit\.json"),
     "partitions": re.compile(rf"{_SHARD}(?:\.parquet|\.f32|\.failed\.parquet|\.json)|index\.json|cluster_sizes\.npy"),
-    "tuning": re.compile(r"curve\.parquet|result\.json"),
+    "tuning": re.compile(rf"curve\.parquet|result\.json|sample\.json|sample-{_BUCKET}\.parquet"),
     "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json)"),
-    "result": re.compile(r"(?:kept|removed|failed)\.parquet|summary\.json"),
+    "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json"),
     "report": re.compile(r"index\.html"),
     "written": re.compile(rf"{_SHARD}\.json"),
 }

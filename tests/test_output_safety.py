@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.layout import RunLayout
+from semdedup_core.layout import RunLayout, is_artifact
 from semdedup_core.lease import Lease, LeaseError
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.run import check_output, plan_run, start_run, write_run_json
@@ -574,3 +574,25 @@ def test_fresh_on_s3_deletes_only_our_objects(moto_s3, shards):
     keys = moto_s3.keys(bucket, "run/")
     assert moto_s3.get(bucket, "run/notes.txt") == b"mine" and moto_s3.get(bucket, "run/scores/bucket-1.parquet") == b"mine too"
     assert sorted(k for k in keys if k.startswith("run/scores/bucket-0")) == [f"run/scores/bucket-0000{b}.{e}" for b in range(2) for e in ("json", "parquet")]
+
+
+def test_every_location_of_the_layout_is_recognised_as_ours():
+    """A new artifact added to RunLayout but not to its patterns would survive --fresh as a
+    stale file: every property and per-unit method of the layout must be an artifact."""
+    import inspect
+
+    layout = RunLayout("/runs/x")
+    names = frozenset({"part-0.parquet"})
+    urls = []
+    for name, member in inspect.getmembers(RunLayout):
+        if name.startswith("_") or name == "root":
+            continue
+        if isinstance(member, property):
+            urls.append(getattr(layout, name))
+        elif inspect.isfunction(member):
+            arg = "part-0.parquet" if name in ("dataset", "removed_dataset") else 7
+            urls.append(getattr(layout, name)(arg))
+    assert len(urls) > 25
+    for url in urls:
+        relative = posixpath.relpath(url, layout.root)
+        assert is_artifact(relative, names), relative
