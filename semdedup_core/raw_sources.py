@@ -46,8 +46,6 @@ from .sources import (
     check_id_type,
     check_url_text,
     one_line,
-    printable,
-    unicode_problem,
     utf8_values,
 )
 from .storage import expand_input, filesystem, with_retries

@@ -23,6 +23,7 @@ from .sources import InputError, Shard, check_unique_ids, discover_shards
 from .storage import (
     bucket_exists,
     digest,
+    exists,
     filesystem,
     fingerprints,
     has_buckets,
