@@ -5,6 +5,7 @@ Set PREFECT_API_URL to run against a Prefect server instead; nothing else change
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -122,6 +123,17 @@ class RunLog:
         os.dup2(fd, 2)
         os.close(fd)
 
+    def show_warnings(self) -> None:
+        """Our own warnings (a lease waited for, a target missed) reach the terminal as one line
+        each, wherever Prefect's logs go."""
+        terminal = self
+
+        class TerminalLines(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                print(f"semdedup: warning: {' '.join(record.getMessage().split())}", file=terminal.terminal, flush=True)
+
+        logging.getLogger("semdedup_core").addHandler(TerminalLines(logging.WARNING))
+
     def record(self, exc: BaseException) -> None:
         with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as log:
             traceback.print_exception(exc, file=log)
@@ -177,7 +189,7 @@ def run(
     clusters: Annotated[Optional[int], typer.Option(help="k for k-means (default ceil(sqrt(n))).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps.")] = None,
-    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Tune eps to keep this fraction.")] = None,
+    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Keep this fraction of the judged items (input minus failed; exact copies count as removed), by choosing eps.")] = None,
     tuning: Annotated[Optional[str], typer.Option(help="With --target-keep: exact (meet it on all items) | sample (the paper's sampled eps).")] = None,
     keep: Annotated[Optional[str], typer.Option(help="hard|easy|random|metadata")] = None,
     metadata_column: Annotated[Optional[list[str]], typer.Option("--metadata-column", help="Ranking column for --keep metadata (repeatable; 'name:asc' for smaller first).")] = None,
@@ -257,6 +269,7 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> dict:
     _prepare_environment(verbose)
     if not verbose:
         log.capture_stderr()
+    log.show_warnings()
     if cfg.storage_block is None:  # a block's options load inside the flow, where Prefect runs
         finished = finished_summary(cfg)
         if finished is not None:
@@ -305,6 +318,10 @@ def finished_summary(cfg: RunConfig) -> dict | None:
     return summary
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def print_summary(summary: dict, log: RunLog, verbose: bool) -> None:
     table = Table(title="semdedup", show_header=False)
     table.add_row("input items", f"{summary['n_input']:,}")
@@ -317,9 +334,12 @@ def print_summary(summary: dict, log: RunLog, verbose: bool) -> None:
         table.add_row("texts longer than the model's limit", f"{summary['n_long_texts']:,} ({summary['long_text']})")
     table.add_row("eps", f"{summary['eps']:.6g}")
     if summary.get("target_keep") is not None:
-        table.add_row("kept fraction (target / predicted / achieved)", f"{summary['target_keep']:.4f} / {summary['predicted_kept_fraction']:.4f} / {summary['kept_fraction']:.4f}")
+        table.add_row(
+            "kept fraction of judged items (target / sampled prediction / achieved)",
+            f"{summary['target_keep']:.4f} / {summary['predicted_kept_fraction']:.4f} / {_fraction(summary['kept_fraction'])}",
+        )
     else:
-        table.add_row("kept fraction", f"{summary['kept_fraction']:.4f}")
+        table.add_row("kept fraction of judged items", _fraction(summary["kept_fraction"]))
     table.add_row("clusters", str(summary["clusters"]))
     table.add_row("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
     console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -14,7 +15,9 @@ from .partitions import FAILED_SCHEMA
 from .run import RunPlan, package_versions
 from .sources import InputError
 from .storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
-from .tuning import warn_if_target_missed
+from .tuning import target_miss_warning
+
+logger = logging.getLogger(__name__)
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REPORT_TOP_PAIRS = 20
@@ -157,7 +160,10 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         "versions": package_versions(),
         "per_source": per_source,
     }
-    warn_if_target_missed(summary)
+    # Warnings travel in the summary: the CLI shows them, whoever else reads summary.json too.
+    summary["warnings"] = [w for w in (target_miss_warning(summary),) if w]
+    for warning in summary["warnings"]:
+        logger.warning(warning)
     top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
     write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
     write_json(layout.summary, summary)
@@ -323,7 +329,9 @@ def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
         return
     failed = pa.concat_tables([read_parquet(layout.embeddings_failed(s.index)).cast(FAILED_SCHEMA) for s in plan.sources])
     exact = _exact_copies(plan, failed)
-    failed = pa.concat_tables([failed, exact.failed])
+    if exact.removed.num_rows:  # every exact copy's original failed, so the copies did too
+        raise RuntimeError("exact copies of an item that was neither embedded nor failed")
+    failed = pa.concat_tables([failed, exact.failed.select(FAILED_SCHEMA.names)])
     n_input = sum(m["n_items"] for m in markers)
     reasons = Counter(failed.column("error").to_pylist()).most_common()
     shown = ", ".join(f"{n} {reason}" for reason, n in reasons[:3])
@@ -332,15 +340,16 @@ def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
     message = f"no usable items: {failed.num_rows} of {n_input} failed ({shown}); see {layout.failed}" if n_input else "no usable items: the input holds no items"
     write_parquet(layout.failed, failed)
     write_parquet(layout.kept, KEPT_SCHEMA.empty_table())
-    write_parquet(layout.removed, exact.removed)
+    write_parquet(layout.removed, REMOVED_SCHEMA.empty_table())
     summary = {
         "output": plan.config.output,
         "n_input": n_input,
         "n_embedded": 0,
         "n_kept": 0,
-        "n_removed": exact.removed.num_rows,
-        "n_exact": exact.removed.num_rows,
+        "n_removed": 0,
+        "n_exact": 0,
         "n_failed": failed.num_rows,
+        "n_judged": 0,
         "eps": plan.config.effective_eps,
         "target_keep": plan.config.target_keep,
         "kept_fraction": None,
@@ -354,6 +363,7 @@ def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
         "stage_seconds": timings,
         "versions": package_versions(),
         "refused": message,
+        "warnings": [],
     }
     write_json(layout.summary, summary)
     raise NoUsableItems(message)
@@ -378,7 +388,10 @@ def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
     stats = read_json(layout.clustering_stats)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"
-        for k in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed", "n_long_texts", "long_text", "eps", "target_keep", "kept_fraction", "predicted_kept_fraction", "clusters", "keep", "device")
+        for k in (
+            "n_input", "n_judged", "n_kept", "n_removed", "n_exact", "n_failed", "n_long_texts", "long_text", "eps", "target_keep", "tuning",
+            "sampled_eps", "predicted_kept_fraction", "kept_fraction", "clusters", "keep", "device",
+        )
     )
     # The files that lost the largest share of their items first.
     worst = sorted(summary["per_source"], key=lambda r: -(r["removed"] + r["failed"]) / max(r["input"], 1))[:REPORT_TOP_SOURCES]
@@ -398,6 +411,9 @@ def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
 <h1>semdedup run</h1><p>{html.escape(plan.config.output)}</p>
 <h2>Result</h2><table>{rows}</table>
+<p>Fractions are of the judged items (input minus failed); exact copies count as removed. With a target, eps is
+met on all judged items (tuning exact) or taken from the paper's sampled tuning (tuning sample, whose prediction is
+predicted_kept_fraction). n_long_texts: texts longer than the model's limit, handled as long_text says.</p>
 <h2>Stages</h2><table>{stages}</table>
 <h2>Clustering</h2><p>k={stats['clusters']}, sample {stats['sample_size']} points,
 {stats['iterations']} iterations, final imbalance factor {imbalance:.3f}</p>

@@ -158,8 +158,10 @@ def test_demo(tmp_path):
 # ---------------------------------------------------------------- misconfigurations (fast, no Prefect)
 
 
-def assert_fails_cleanly(proc: subprocess.CompletedProcess, out: Path, *fragments: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+def assert_fails_cleanly(proc: subprocess.CompletedProcess, out: Path, *fragments: str, code: int = 2) -> str:
+    """One line on stderr naming ``fragments``, exit ``code`` (2: refused; 1: a failure while
+    running, such as storage that cannot be reached), and no output folder."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected a one-line reason, got:\n{proc.stderr}"
     line = lines[0]
