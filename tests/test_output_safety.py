@@ -597,3 +597,51 @@ def test_every_location_of_the_layout_is_recognised_as_ours():
     for url in urls:
         relative = posixpath.relpath(url, layout.root)
         assert is_artifact(relative, names), relative
+
+
+def test_refused_credentials_are_one_line_naming_the_object(tmp_path, shards):
+    """An S3 endpoint that checks credentials (moto's server with authentication on) refuses
+    ours: one line naming the object and the refusal, nothing created."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        extra = {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "AKIAUNKNOWNTOTHESERVER",
+            "AWS_SECRET_ACCESS_KEY": "not-a-valid-secret",
+            "SEMDEDUP_STORAGE_ATTEMPTS": "1",
+        }
+        proc = cli_env(["run", str(shards), "--output", "s3://locked-bucket/run", "--clusters", "2"], tmp_path, extra)
+    finally:
+        server.kill()
+        server.wait()
+    line = assert_fails_cleanly(proc, tmp_path / "never", "s3://locked-bucket", code=1)
+    assert "InvalidAccessKeyId" in line or "Forbidden" in line or "denied" in line.lower(), line
+    assert "not-a-valid-secret" not in line
+
+
+def test_read_only_output_is_refused_before_work(tmp_path, shards):
+    """A folder on a read-only filesystem (a read-only tmpfs; root ignores permission bits):
+    one line before any work."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        line = assert_fails_cleanly(cli(["run", str(shards), "--output", str(ro / "run"), "--clusters", "2"], tmp_path), ro / "run", "not writable")
+        assert str(ro) in line
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
