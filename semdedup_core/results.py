@@ -132,34 +132,28 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         for name, i, k, r, f in zip(names, input_per_shard, kept_per_shard, removed_per_shard, failed_per_shard)
     ]
     long_texts = _long_texts(plan)
-    summary = {
-        "output": plan.config.output,
-        "n_input": plan.n_input,
-        "n_embedded": n_embedded,
-        "n_judged": plan.n_input - n_failed,
-        "n_kept": n_kept,
-        "n_removed": n_removed,
-        "n_exact": n_exact,
-        "n_failed": n_failed,
-        "n_long_texts": long_texts,
-        "long_text": plan.config.long_text if long_texts is not None else None,
-        "eps": eps,
-        "target_keep": plan.config.target_keep,
+    summary = run_summary(
+        plan,
+        timings,
+        n_input=plan.n_input,
+        n_embedded=n_embedded,
+        n_judged=plan.n_input - n_failed,
+        n_kept=n_kept,
+        n_removed=n_removed,
+        n_exact=n_exact,
+        n_failed=n_failed,
+        n_long_texts=long_texts,
+        long_text=plan.config.long_text if long_texts is not None else None,
+        eps=eps,
         # Of the judged items (input minus failed; exact copies count as removed), as target_keep.
-        "kept_fraction": n_kept / (plan.n_input - n_failed) if plan.n_input > n_failed else None,
-        "tuning": tuning["mode"] if tuning else None,
-        "sampled_eps": tuning["sampled_eps"] if tuning else None,
-        "predicted_kept_fraction": tuning["predicted_kept_fraction"] if tuning else None,
-        "clusters": plan.clusters,
-        "buckets": plan.buckets,
-        "keep": plan.config.keep,
-        "device": plan.device,
-        "input_format": plan.input_format,
-        "embedder": plan.embedder,
-        "stage_seconds": timings,
-        "versions": package_versions(),
-        "per_source": per_source,
-    }
+        kept_fraction=n_kept / (plan.n_input - n_failed) if plan.n_input > n_failed else None,
+        tuning=tuning["mode"] if tuning else None,
+        sampled_eps=tuning["sampled_eps"] if tuning else None,
+        predicted_kept_fraction=tuning["predicted_kept_fraction"] if tuning else None,
+        clusters=plan.clusters,
+        buckets=plan.buckets,
+        per_source=per_source,
+    )
     # Warnings travel in the summary: the CLI shows them, whoever else reads summary.json too.
     summary["warnings"] = [w for w in (target_miss_warning(summary),) if w]
     for warning in summary["warnings"]:
@@ -320,6 +314,24 @@ class NoUsableItems(InputError):
     """Raw input in which no item could be embedded; every item is in result/failed.parquet."""
 
 
+def run_summary(plan: RunPlan, timings: dict[str, float], **counts) -> dict:
+    """summary.json: the run's counts and decisions (``counts``) beside what every summary
+    records about the run."""
+    return {
+        "output": plan.config.output,
+        "target_keep": plan.config.target_keep,
+        "kept_fraction": None,
+        "predicted_kept_fraction": None,
+        **counts,
+        "keep": plan.config.keep,
+        "device": plan.device,
+        "input_format": plan.input_format,
+        "embedder": plan.embedder,
+        "stage_seconds": timings,
+        "versions": package_versions(),
+    }
+
+
 def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
     """After the embedding stage: when no item was embedded, account every input item as
     failed (kept and removed empty, summary.json with the reason) and raise NoUsableItems."""
@@ -341,30 +353,22 @@ def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
     write_parquet(layout.failed, failed)
     write_parquet(layout.kept, KEPT_SCHEMA.empty_table())
     write_parquet(layout.removed, REMOVED_SCHEMA.empty_table())
-    summary = {
-        "output": plan.config.output,
-        "n_input": n_input,
-        "n_embedded": 0,
-        "n_kept": 0,
-        "n_removed": 0,
-        "n_exact": 0,
-        "n_failed": failed.num_rows,
-        "n_judged": 0,
-        "eps": plan.config.effective_eps,
-        "target_keep": plan.config.target_keep,
-        "kept_fraction": None,
-        "predicted_kept_fraction": None,
-        "clusters": 0,
-        "buckets": 0,
-        "keep": plan.config.keep,
-        "device": plan.device,
-        "input_format": plan.input_format,
-        "embedder": plan.embedder,
-        "stage_seconds": timings,
-        "versions": package_versions(),
-        "refused": message,
-        "warnings": [],
-    }
+    summary = run_summary(
+        plan,
+        timings,
+        n_input=n_input,
+        n_embedded=0,
+        n_judged=0,
+        n_kept=0,
+        n_removed=0,
+        n_exact=0,
+        n_failed=failed.num_rows,
+        eps=plan.config.effective_eps,
+        clusters=0,
+        buckets=0,
+        refused=message,
+        warnings=[],
+    )
     write_json(layout.summary, summary)
     raise NoUsableItems(message)
 
