@@ -282,10 +282,9 @@ def test_kill_9_during_dedup_on_s3_then_rerun(moto_s3, small, tmp_path, monkeypa
     assert record["owner"] in message and "worker-elsewhere-7" in message and f"pid {child.pid}" in message, message
     assert moto_s3.keys(bucket, "run/") == keys
     assert json.loads(moto_s3.get(bucket, "run/lease.json")) == record
-    # By default the re-run waits for that lease to expire (its holder stopped renewing when
-    # killed), then takes over and resumes.
+    # By default the re-run waits for that lease to expire (its holder, run with the short
+    # LEASE_TTL, stopped renewing when killed), then takes over and resumes.
     monkeypatch.delenv("SEMDEDUP_LEASE_WAIT")
-    assert record["expires"] - time.time() <= LEASE_TTL + 1  # the killed run's short TTL, not the default
     with single_thread():
         run_pipeline(cfg)
     keys = moto_s3.keys(bucket, "run/")
