@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from prefect import flow, unmapped
 
-from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.config import RunConfig
 from semdedup_core.lease import Lease
 from semdedup_core.results import record_written
-from semdedup_core.run import RunPlan, StageClock, record_refusal, record_stage
-from semdedup_core.sources import InputError
+from semdedup_core.run import RunPlan, StageClock, record_stage, refusals_recorded
 from tasks.stages import (
     apply_threshold_task,
     assign_shard_task,
@@ -48,13 +47,10 @@ def semdedup_flow(config: RunConfig) -> dict:
         with Lease(plan.layout.lease):  # a second run on the same output is refused here
             start_run_task(plan)
             record_stage(plan, "plan", clock.seconds["plan"])
-            try:
+            with refusals_recorded(plan):
                 if plan.embeds:
                     plan = _embed(plan, clock)
                 return _stages(config, plan, clock)
-            except (ConfigError, InputError) as exc:  # only the data could tell: a corrected re-run may change the config
-                record_refusal(plan, str(exc))
-                raise
 
 
 def _embed(plan: RunPlan, clock: StageClock) -> RunPlan:

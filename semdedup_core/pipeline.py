@@ -6,10 +6,9 @@ Same stages, same artifacts and same resume behaviour as the Prefect flow, one a
 from __future__ import annotations
 
 from . import dedup, embedding, partitions, raw_writers, results, tuning
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .lease import Lease
-from .run import RunPlan, StageClock, plan_run, record_refusal, record_stage, start_run, write_run_json
-from .sources import InputError
+from .run import RunPlan, StageClock, plan_run, record_stage, refusals_recorded, start_run, write_run_json
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -19,13 +18,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
     with Lease(plan.layout.lease):
         start_run(plan)
         record_stage(plan, "plan", clock.seconds["plan"])
-        try:
+        with refusals_recorded(plan):
             if plan.embeds:
                 plan = _embed_stages(plan, clock)
             return _run_stages(cfg, plan, clock)
-        except (ConfigError, InputError) as exc:  # only the data could tell: a corrected re-run may change the config
-            record_refusal(plan, str(exc))
-            raise
 
 
 def _embed_stages(plan: RunPlan, clock: StageClock) -> RunPlan:

@@ -362,6 +362,17 @@ def record_refusal(plan: RunPlan, reason: str) -> None:
     write_json(plan.layout.run_json, state)
 
 
+@contextmanager
+def refusals_recorded(plan: RunPlan) -> Iterator[None]:
+    """Around the stages after the run started: a refusal only the data could tell is
+    recorded in run.json, so that a corrected re-run may change the configuration."""
+    try:
+        yield
+    except (ConfigError, InputError) as exc:
+        record_refusal(plan, str(exc))
+        raise
+
+
 def restart_after_refusal(plan: RunPlan) -> RunPlan:
     """A refused run re-run with another configuration keeps its embeddings when they still
     apply (same input and embedding options), else starts fresh."""
