@@ -102,7 +102,7 @@ def synth_embeddings(
 
 def hard_ordered(y: np.ndarray) -> np.ndarray:
     """Rows of one cluster in the paper's (hard) keep order, centroid = normalised mean."""
-    from semdedup_core.ordering import hard_order
+    from semdedup_core.dedup.ordering import hard_order
 
     c = y.mean(axis=0, dtype=np.float64)
     c = (c / np.linalg.norm(c)).astype(np.float32)

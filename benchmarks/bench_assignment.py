@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from _common import ForeignLoad, machine_info, print_table, synth_embeddings, versions, write_json
 
-from semdedup_core.clustering import CentroidIndex, fit_spherical_kmeans, sample_rows
-from semdedup_core.kernel import screening_band
-from semdedup_core.partitions import READ_BATCH_ROWS
+from semdedup_core.dedup.clustering import CentroidIndex, fit_spherical_kmeans, sample_rows
+from semdedup_core.dedup.kernel import screening_band
+from semdedup_core.dedup.partitions import READ_BATCH_ROWS
 
 
 def plain_search(index: faiss.Index, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:

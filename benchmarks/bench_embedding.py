@@ -5,7 +5,7 @@
     random (``create_model_and_transforms("ViT-B-16", pretrained=None)``, seeded): the same
     architecture and FLOPs as the real laion2b checkpoint, which cannot be downloaded here.
     They are saved to a temporary safetensors file and loaded back through
-    ``semdedup_core.embedders.load_embedder`` (``--model ViT-B-16 --pretrained FILE``), so
+    ``semdedup_core.embedding.models.load_embedder`` (``--model ViT-B-16 --pretrained FILE``), so
     (a), (b) time the very model object the pipeline uses.
 
 (b) Pipeline overhead for images: a webdataset tar of ``--images`` (128) JPEGs (256 x 256, smooth
@@ -64,9 +64,9 @@ import torch.nn.functional as F
 from _common import ForeignLoad, MiB, machine_info, print_table, proc_status_bytes, reset_peak_rss, versions, write_json
 
 from semdedup_core.config import RunConfig
-from semdedup_core.embedders import load_embedder
-from semdedup_core.embedding import TEXT_SORT_CHUNK, open_image
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.embedding.models import load_embedder
+from semdedup_core.embedding.stage import TEXT_SORT_CHUNK, open_image
+from semdedup_core.run.dag import run_pipeline
 
 WORDS = (  # noqa: SIM905
     "the a of to and in is it you that he was for on are with as his they be at one have this from or had by word but "

@@ -10,7 +10,7 @@ output folder (removed first, so nothing is resumed):
 (b) ``direct``  the same stages called directly through semdedup_core, no Prefect: plan_run,
                 partitions.fit_centroids, partitions.assign_shard per shard,
                 partitions.collect_partitions, dedup.score_bucket per bucket, results.finalize,
-                as semdedup_core.pipeline.run_pipeline runs them.
+                as semdedup_core.run.dag.run_pipeline runs them.
 
 Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall, the peak
 RSS of each run's process (VmHWM; for the flow also Prefect's ephemeral API server subprocess),
@@ -163,12 +163,12 @@ def child_flow(args, output: Path) -> None:
 
 
 def child_direct(args, output: Path) -> None:
-    """The same stages without Prefect: semdedup_core.pipeline.run_pipeline."""
+    """The same stages without Prefect: semdedup_core.run.dag.run_pipeline."""
     t_import = time.perf_counter()
     import faiss
     import torch
 
-    from semdedup_core.pipeline import run_pipeline
+    from semdedup_core.run.dag import run_pipeline
 
     import_seconds = time.perf_counter() - t_import
     threads = os.cpu_count() or 1

@@ -1,4 +1,4 @@
-"""Speed of the exact dedup kernel ``semdedup_core.kernel.cluster_max_sim`` on CPU (or CUDA).
+"""Speed of the exact dedup kernel ``semdedup_core.dedup.kernel.cluster_max_sim`` on CPU (or CUDA).
 
 (a) Sustained GFLOP/s of the kernel on ONE ordered cluster (default 40000 x 512) against
     a plain torch fp32 ``mm`` loop over exactly the same lower-triangular tile shapes
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from _common import ForeignLoad, hard_ordered, machine_info, print_table, synth_embeddings, versions, write_json
 
-from semdedup_core.kernel import cluster_max_sim, removed_mask, resolve_device, screening_band
+from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask, resolve_device, screening_band
 
 
 def tile_elements(n: int, t: int) -> int:

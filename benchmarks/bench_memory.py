@@ -13,11 +13,11 @@ Every measurement runs in a fresh Python subprocess, which reports:
 Modes:
 
 ``--mode kernel``    the cluster is generated in memory (seeded, in chunks: peak = the array plus
-                     one chunk) and handed to ``semdedup_core.kernel.cluster_max_sim``.
+                     one chunk) and handed to ``semdedup_core.dedup.kernel.cluster_max_sim``.
 ``--mode pipeline``  the cluster goes through the real code path. A first subprocess writes it as
                      parquet embeddings (``--shards`` files) and runs plan_run, fit_centroids,
                      assign_shard and collect_partitions with clusters=1 and buckets=1; a second,
-                     fresh subprocess loads the plan and runs ``semdedup_core.dedup.score_bucket``
+                     fresh subprocess loads the plan and runs ``semdedup_core.dedup.scoring.score_bucket``
                      only; its peak is the number that counts. The first one's peak is reported too.
 
 The full 300k kernel needs ~4.6e13 flop: several minutes of CPU. Shrink with --n for a check:
@@ -95,7 +95,7 @@ def _emit(result: dict) -> None:
 def child_kernel(args) -> None:
     import torch
 
-    from semdedup_core import kernel
+    from semdedup_core.dedup import kernel
 
     torch.set_num_threads(os.cpu_count() or 1)
     baseline = proc_status_bytes("VmRSS")
@@ -147,9 +147,9 @@ def child_prepare(args) -> None:
     import torch
 
     from _common import synth_embeddings
-    from semdedup_core import partitions
+    from semdedup_core.dedup import partitions
     from semdedup_core.config import RunConfig
-    from semdedup_core.run import plan_run, write_run_json
+    from semdedup_core.run.plan import plan_run, write_run_json
 
     torch.set_num_threads(os.cpu_count() or 1)
     data_dir, run_dir, plan_file = _pipeline_paths(args.workdir)
@@ -214,8 +214,8 @@ def child_score(args) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from semdedup_core import dedup, kernel
-    from semdedup_core.run import RunPlan
+    from semdedup_core.dedup import kernel, scoring as dedup
+    from semdedup_core.run.plan import RunPlan
 
     torch.set_num_threads(os.cpu_count() or 1)
     baseline = proc_status_bytes("VmRSS")

@@ -1,7 +1,7 @@
 """Object storage and resume: S3 (moto's server on loopback) vs local disk, and resuming a
 run killed half-way vs running it from scratch.
 
-Every run is ``semdedup_core.pipeline.run_pipeline`` (no Prefect, so storage is what
+Every run is ``semdedup_core.run.dag.run_pipeline`` (no Prefect, so storage is what
 differs) in a fresh subprocess over the same seeded input:
 
 (a) ``local``    input and output on local disk;
@@ -54,7 +54,7 @@ def generate(args, folder: Path) -> None:
 
 def child_run(input_glob: str, output: str, clusters: int, buckets: int | None) -> None:
     from semdedup_core.config import RunConfig
-    from semdedup_core.pipeline import run_pipeline
+    from semdedup_core.run.dag import run_pipeline
 
     start = time.perf_counter()
     summary = run_pipeline(RunConfig(input=[input_glob], output=output, clusters=clusters, eps=0.05, buckets=buckets))

@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from semdedup_core.config import RunConfig
-from semdedup_core.embedding import normalise_text
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.embedding.stage import normalise_text
+from semdedup_core.run.dag import run_pipeline
 
 NAMES = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)([.\-_].*)?$", re.IGNORECASE)
 

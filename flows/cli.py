@@ -157,11 +157,11 @@ def _errors_reported(log: RunLog) -> Iterator[None]:
     except KeyboardInterrupt:
         log.fail(130, "interrupted")
     except Exception as exc:  # noqa: BLE001 - classified below, details to the log
-        from semdedup_core.lease import LeaseError
-        from semdedup_core.sources import InputError
+        from semdedup_core.run.lease import LeaseError
+        from semdedup_core.inputs.precomputed import InputError
         from semdedup_core.storage import StorageError
 
-        results = sys.modules.get("semdedup_core.results")  # not loaded: the run never got that far (and torch stays unloaded)
+        results = sys.modules.get("semdedup_core.results.summary")  # not loaded: the run never got that far (and torch stays unloaded)
         if results is not None and isinstance(exc, results.NoUsableItems):
             log.fail(EXIT_NO_USABLE_ITEMS, str(exc))
         if isinstance(exc, (ConfigError, InputError, LeaseError)):
@@ -275,7 +275,7 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> dict:
         if finished is not None:
             console.print(f"{cfg.output} holds this run, finished: its stored summary (nothing to do).", soft_wrap=True, markup=False, highlight=False)
             return finished
-        from semdedup_core.run import plan_run
+        from semdedup_core.run.plan import plan_run
 
         plan_run(cfg)
     from flows.dedup_flow import semdedup_flow
@@ -287,11 +287,11 @@ def finished_summary(cfg: RunConfig) -> dict | None:
     """result/summary.json of a finished run at the output with this configuration, the same
     input shards and everything asked for written; None when there is work to do. Cheap:
     no Prefect, no model, no torch."""
-    from semdedup_core.layout import RunLayout
-    from semdedup_core.lease import check_free
-    from semdedup_core.raw_sources import RAW_FORMATS, detect_format, discover_raw_shards
-    from semdedup_core.run import input_fingerprints
-    from semdedup_core.sources import discover_shards
+    from semdedup_core.run.layout import RunLayout
+    from semdedup_core.run.lease import check_free
+    from semdedup_core.inputs.datasets import RAW_FORMATS, detect_format, discover_raw_shards
+    from semdedup_core.run.plan import input_fingerprints
+    from semdedup_core.inputs.precomputed import discover_shards
     from semdedup_core.storage import exists, read_json
 
     layout = RunLayout(cfg.output)
@@ -360,7 +360,7 @@ def demo(
         import pyarrow.parquet as pq
 
         from semdedup_core.demo import DEMO_EPS, copy_demo_corpus, demo_outcome
-        from semdedup_core.layout import RunLayout
+        from semdedup_core.run.layout import RunLayout
 
         root = Path(output).parent if output else Path("semdedup-demo")
         shards = copy_demo_corpus(root / "data")

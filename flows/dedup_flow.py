@@ -12,9 +12,9 @@ from __future__ import annotations
 from prefect import flow, unmapped
 
 from semdedup_core.config import RunConfig
-from semdedup_core.lease import Lease
-from semdedup_core.results import record_written
-from semdedup_core.run import RunPlan, StageClock, record_stage, refusals_recorded
+from semdedup_core.run.lease import Lease
+from semdedup_core.results.summary import record_written
+from semdedup_core.run.plan import RunPlan, StageClock, record_stage, refusals_recorded
 from tasks.stages import (
     apply_threshold_task,
     assign_shard_task,

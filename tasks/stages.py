@@ -21,10 +21,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from semdedup_core import dedup, embedding, partitions, raw_writers, results, tuning
+from semdedup_core.dedup import partitions, scoring as dedup, tuning
+from semdedup_core.embedding import stage as embedding
+from semdedup_core.results import dataset as raw_writers, summary as results
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.run import RunPlan, plan_run, start_run, write_run_json
-from semdedup_core.sources import InputError
+from semdedup_core.run.plan import RunPlan, plan_run, start_run, write_run_json
+from semdedup_core.inputs.precomputed import InputError
 
 _slots: threading.Semaphore | None = None
 _slots_lock = threading.Lock()

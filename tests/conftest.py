@@ -297,7 +297,7 @@ def raw_config(inputs, out: Path, **kw):
 
 def run_raw(cfg) -> RunResults:
     """The whole pipeline without Prefect, single-threaded, and what it decided."""
-    from semdedup_core.pipeline import run_pipeline
+    from semdedup_core.run.dag import run_pipeline
 
     with single_thread():
         run_pipeline(cfg)

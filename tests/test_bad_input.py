@@ -15,9 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.run import plan_run
-from semdedup_core.sources import InputError
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.run.plan import plan_run
+from semdedup_core.inputs.precomputed import InputError
 
 from .conftest import unit_rows, write_embeddings
 

@@ -13,10 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semdedup_core import partitions
-from semdedup_core.clustering import CentroidIndex
+from semdedup_core.dedup import partitions
+from semdedup_core.dedup.clustering import CentroidIndex
 from semdedup_core.config import RunConfig
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.run.dag import run_pipeline
 
 from .conftest import RunResults, write_embeddings
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.embedders import TextEmbedder, default_pooling, load_embedder, model_spec, text_model_path
-from semdedup_core.embedding import _embed_texts
+from semdedup_core.embedding.models import TextEmbedder, default_pooling, load_embedder, model_spec, text_model_path
+from semdedup_core.embedding.stage import _embed_texts
 
 from .conftest import TINY_CLIP_CONFIG, single_thread
 

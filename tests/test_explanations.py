@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semdedup_core.results import _kept_ids
+from semdedup_core.results.summary import _kept_ids
 
 from .conftest import RunResults, raw_config, run_raw, unit_rows, write_embeddings, write_tar
 

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from semdedup_core.config import ConfigError
-from semdedup_core.sources import InputError
+from semdedup_core.inputs.precomputed import InputError
 
 from .conftest import RunResults, raw_config, run_raw
 
@@ -451,7 +451,7 @@ def test_a_short_first_embedding_fails_alone(tmp_path):
 
 
 def test_a_corrupt_precomputed_page_is_one_line_naming_the_file(tmp_path):
-    from semdedup_core.pipeline import run_pipeline
+    from semdedup_core.run.dag import run_pipeline
 
     path = tmp_path / "data" / "e.parquet"
     path.parent.mkdir()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from semdedup_core.kernel import cluster_max_sim, first_copy_mask, removed_mask, screening_band
-from semdedup_core.ordering import cluster_order, easy_order, hard_order
+from semdedup_core.dedup.kernel import cluster_max_sim, first_copy_mask, removed_mask, screening_band
+from semdedup_core.dedup.ordering import cluster_order, easy_order, hard_order
 
 from .conftest import unit_rows
 

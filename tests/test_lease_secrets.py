@@ -21,9 +21,9 @@ import pytest
 import s3fs
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.lease import Lease, LeaseError
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.run import plan_run
+from semdedup_core.run.lease import Lease, LeaseError
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.run.plan import plan_run
 
 from .conftest import FAKE_AWS_KEY, FAKE_AWS_SECRET, ONE_THREAD_ENV, RunResults, single_thread, unit_rows, write_embeddings
 
@@ -160,7 +160,7 @@ def test_lease_is_created_whole_and_a_corrupt_one_is_taken_over(tmp_path):
     """Leases are created whole (temp file + hard link locally, one conditional PUT on S3), so
     no reader ever sees a half-written one; a lease.json that cannot be parsed is therefore
     corrupt, counts as expired, and the next run takes it over instead of crashing."""
-    from semdedup_core.lease import check_free
+    from semdedup_core.run.lease import check_free
 
     out = tmp_path / "out"
     out.mkdir()

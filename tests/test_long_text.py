@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.embedders import TextEmbedder, model_spec
+from semdedup_core.embedding.models import TextEmbedder, model_spec
 
 from .conftest import raw_config, run_raw, single_thread
 from .test_cli import cli, collapsed

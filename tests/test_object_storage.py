@@ -142,7 +142,7 @@ def test_raw_tars_on_s3_give_the_same_result_and_dataset_as_on_disk(moto_s3, tin
     deduplicated tars written to S3: identical to the same run on local disk."""
     import tarfile
 
-    from semdedup_core.pipeline import run_pipeline
+    from semdedup_core.run.dag import run_pipeline
 
     from .conftest import png_bytes, write_tar
 

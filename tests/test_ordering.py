@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semdedup_core.ordering import cluster_order, distance_key, easy_order, hard_order, metadata_order, random_order
+from semdedup_core.dedup.ordering import cluster_order, distance_key, easy_order, hard_order, metadata_order, random_order
 
 
 def test_hard_is_least_similar_first_with_ties_in_input_order():

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.layout import RunLayout, is_artifact
-from semdedup_core.lease import Lease, LeaseError
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.run import check_output, plan_run, start_run, write_run_json
+from semdedup_core.run.layout import RunLayout, is_artifact
+from semdedup_core.run.lease import Lease, LeaseError
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.run.plan import check_output, plan_run, start_run, write_run_json
 from semdedup_core.storage import StorageError, atomic_open, expand_input, list_files, parquet_writer, temp_path, write_bytes
 
 from .conftest import ONE_THREAD_ENV, RunResults, single_thread, unit_rows, write_embeddings
@@ -279,7 +279,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
 from semdedup_core.config import RunConfig
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.run.dag import run_pipeline
 from semdedup_core.storage import StorageError
 try:
     run_pipeline(RunConfig.model_validate_json(sys.argv[1]))

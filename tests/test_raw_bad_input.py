@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from semdedup_core.config import ConfigError
-from semdedup_core.raw_sources import RawShard, scan_items
-from semdedup_core.run import plan_run
+from semdedup_core.inputs.datasets import RawShard, scan_items
+from semdedup_core.run.plan import plan_run
 
 from .conftest import RunResults, raw_config, run_raw, write_tar
 
@@ -302,7 +302,7 @@ def test_an_exact_copy_of_an_item_that_fails_embedding_fails_too(tmp_path, tiny_
 
 
 def test_duplicate_ids_across_shards_stop_the_run_before_any_embedding(tmp_path, tiny_bert):
-    from semdedup_core.sources import InputError
+    from semdedup_core.inputs.precomputed import InputError
 
     data = tmp_path / "data"
     data.mkdir()

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.raw_sources import detect_format, discover_raw_shards, scan_items
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.inputs.datasets import detect_format, discover_raw_shards, scan_items
 
 from .conftest import RunResults, raw_config, run_raw, png_bytes, write_tar
 

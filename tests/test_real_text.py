@@ -12,8 +12,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from semdedup_core.config import RunConfig
-from semdedup_core.layout import RunLayout
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.run.layout import RunLayout
+from semdedup_core.run.dag import run_pipeline
 
 from .real_text_corpus import load_labels, write_corpus
 

@@ -29,9 +29,9 @@ import s3fs
 
 import semdedup_core.storage as storage
 from semdedup_core.config import RunConfig
-from semdedup_core.lease import Lease, LeaseError
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.sources import InputError
+from semdedup_core.run.lease import Lease, LeaseError
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.storage import StorageError
 
 from .conftest import ONE_THREAD_ENV, RunResults, fast_embeddings, single_thread, unit_rows
@@ -57,7 +57,7 @@ import json, os, socket, sys
 if os.environ.get("TEST_PRETEND_HOSTNAME"):  # a run on another machine: its pid cannot be checked from here
     socket.gethostname = lambda: os.environ["TEST_PRETEND_HOSTNAME"]
 from semdedup_core.config import RunConfig
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.run.dag import run_pipeline
 summary = run_pipeline(RunConfig.model_validate_json(sys.argv[1]))
 print(json.dumps({k: summary[k] for k in ("n_input", "n_kept", "n_removed", "n_failed")}))
 """

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core.config import RunConfig
-from semdedup_core.sources import InputError, check_unique_ids, discover_shards, iter_batches, read_ids, read_rows
-from semdedup_core.vectors import prepare_vectors
+from semdedup_core.inputs.precomputed import InputError, check_unique_ids, discover_shards, iter_batches, read_ids, read_rows
+from semdedup_core.inputs.vectors import prepare_vectors
 
 from .conftest import unit_rows, write_embeddings
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semdedup_core import dedup
+from semdedup_core.dedup import scoring as dedup
 from semdedup_core.config import ConfigError, RunConfig
-from semdedup_core.kernel import removed_mask
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.tuning import choose_eps, sample_clusters, threshold_keeping
+from semdedup_core.dedup.kernel import removed_mask
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.dedup.tuning import choose_eps, sample_clusters, threshold_keeping
 
 from .conftest import RunResults, fast_embeddings, raw_config, run_raw, single_thread
 from .test_cli import assert_fails_cleanly, cli

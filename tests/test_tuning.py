@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core.config import RunConfig
-from semdedup_core.pipeline import run_pipeline
-from semdedup_core.tuning import choose_eps, kept_fraction, sample_clusters
+from semdedup_core.run.dag import run_pipeline
+from semdedup_core.dedup.tuning import choose_eps, kept_fraction, sample_clusters
 
 from .test_targets import nearest_reachable_kept
 

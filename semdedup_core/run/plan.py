@@ -15,12 +15,12 @@ from contextlib import contextmanager
 
 from pydantic import BaseModel
 
-from .config import ConfigError, RunConfig
-from .layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
-from .lease import check_free, read_lease
-from .raw_sources import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
-from .sources import InputError, Shard, check_unique_ids, discover_shards
-from .storage import (
+from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.run.layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
+from semdedup_core.run.lease import check_free, read_lease
+from semdedup_core.inputs.datasets import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
+from semdedup_core.inputs.precomputed import InputError, Shard, check_unique_ids, discover_shards
+from semdedup_core.storage import (
     bucket_exists,
     digest,
     exists,
@@ -44,7 +44,7 @@ class RunPlan(BaseModel):
     """What every stage needs to know about the run; small enough to pass between tasks.
 
     For raw inputs the plan starts with ``sources`` only; after the embedding stage
-    :func:`semdedup_core.embedding.plan_embedded` fills in the run's own embeddings as
+    :func:`semdedup_core.embedding.stage.plan_embedded` fills in the run's own embeddings as
     ``shards`` and the sizes that depend on them (n_input, dim, clusters, buckets).
     """
 
@@ -91,7 +91,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     """Every check that can fail before work: the output, inputs, ids, dimensions, k, device,
     an existing run."""
     check_output(cfg)
-    from .kernel import resolve_device  # torch: imported only when a run is planned
+    from semdedup_core.dedup.kernel import resolve_device  # torch: imported only when a run is planned
 
     try:
         device = str(resolve_device(cfg.device))
@@ -125,7 +125,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
 def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
     """Raw inputs: the shards and a loadable model; sizes come after the embedding stage."""
-    from .embedders import load_embedder, model_spec
+    from semdedup_core.embedding.models import load_embedder, model_spec
 
     sources = discover_raw_shards(cfg, fmt)
     modalities = {s.modality for s in sources}

@@ -6,7 +6,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from .storage import join, temp_target
+from semdedup_core.storage import join, temp_target
 
 _SHARD = r"shard-\d{5,}"
 _BUCKET = r"bucket-\d{5,}"

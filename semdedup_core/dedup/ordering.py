@@ -5,7 +5,7 @@ order) and returns a permutation of ``range(n)``; the item placed first is never
 removed, later items are removed when too similar to any earlier one.
 
 ``centroid_sim`` is the canonical dot of an item with its centroid (see
-:class:`semdedup_core.clustering.CentroidIndex`): a function of the two vectors only, so
+:class:`semdedup_core.dedup.clustering.CentroidIndex`): a function of the two vectors only, so
 bit-identical items get equal keys and keep their input order wherever they were read.
 """
 

@@ -5,10 +5,12 @@ Same stages, same artifacts and same resume behaviour as the Prefect flow, one a
 
 from __future__ import annotations
 
-from . import dedup, embedding, partitions, raw_writers, results, tuning
-from .config import RunConfig
-from .lease import Lease
-from .run import RunPlan, StageClock, plan_run, record_stage, refusals_recorded, start_run, write_run_json
+from semdedup_core.dedup import partitions, scoring as dedup, tuning
+from semdedup_core.embedding import stage as embedding
+from semdedup_core.results import dataset as raw_writers, summary as results
+from semdedup_core.config import RunConfig
+from semdedup_core.run.lease import Lease
+from semdedup_core.run.plan import RunPlan, StageClock, plan_run, record_stage, refusals_recorded, start_run, write_run_json
 
 
 def run_pipeline(cfg: RunConfig) -> dict:

@@ -20,8 +20,8 @@ import threading
 import time
 import uuid
 
-from .config import ConfigError
-from .storage import create_exclusive, read_json, remove, write_json
+from semdedup_core.config import ConfigError
+from semdedup_core.storage import create_exclusive, read_json, remove, write_json
 
 DEFAULT_TTL_SECONDS = float(os.environ.get("SEMDEDUP_LEASE_TTL", "120"))
 # How far past a waited-for lease's expiry to look again (clocks of two hosts differ a little).

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .dedup import iter_cluster_scores, order_function
-from .partitions import load_bucket
-from .run import RunPlan
-from .storage import exists, read_json, read_npy, read_parquet, write_json, write_parquet
+from semdedup_core.dedup.scoring import iter_cluster_scores, order_function
+from semdedup_core.dedup.partitions import load_bucket
+from semdedup_core.run.plan import RunPlan
+from semdedup_core.storage import exists, read_json, read_npy, read_parquet, write_json, write_parquet
 
 COARSE_GRID = np.unique(np.concatenate([np.geomspace(1e-5, 0.5, 60), np.linspace(0.5, 0.999, 20)]))
 REFINE_POINTS = 64

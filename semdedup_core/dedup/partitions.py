@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
-from .config import ConfigError
-from .run import RunPlan
-from .sources import iter_batches, read_rows
-from .storage import atomic_open, exists, parquet_writer, read_json, read_npy, read_parquet, read_range, write_json, write_npy, write_parquet
-from .vectors import prepare_vectors
+from semdedup_core.dedup.clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
+from semdedup_core.config import ConfigError
+from semdedup_core.run.plan import RunPlan
+from semdedup_core.inputs.precomputed import iter_batches, read_rows
+from semdedup_core.storage import atomic_open, exists, parquet_writer, read_json, read_npy, read_parquet, read_range, write_json, write_npy, write_parquet
+from semdedup_core.inputs.vectors import prepare_vectors
 
 READ_BATCH_ROWS = 16384
 # Partition rows are buffered up to this many before being written as row groups, so

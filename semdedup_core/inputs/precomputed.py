@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from .config import RunConfig
-from .storage import expand_input, filesystem, join, list_files, with_retries
-from .vectors import prepare_vectors
+from semdedup_core.config import RunConfig
+from semdedup_core.storage import expand_input, filesystem, join, list_files, with_retries
+from semdedup_core.inputs.vectors import prepare_vectors
 
 CLIP_ID_CANDIDATES = ("id", "key", "image_path", "url")
 _CLIP_EMB = re.compile(r"img_emb_(\d+)\.npy$")

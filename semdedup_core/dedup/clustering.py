@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import torch
 
-from .kernel import ieee_fp32_matmul, screening_band
+from semdedup_core.dedup.kernel import ieee_fp32_matmul, screening_band
 
 # fp32 screening scores held at once (rows x k), and (row, centroid) pairs rescored at once:
 # memory stays bounded whatever the batch and k.

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .kernel import cluster_max_sim, removed_mask
-from .ordering import cluster_order
-from .partitions import BucketData, load_bucket
-from .run import RunPlan
-from .storage import exists, read_json, read_parquet, write_json, write_parquet
+from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask
+from semdedup_core.dedup.ordering import cluster_order
+from semdedup_core.dedup.partitions import BucketData, load_bucket
+from semdedup_core.run.plan import RunPlan
+from semdedup_core.storage import exists, read_json, read_parquet, write_json, write_parquet
 
 SCORES_SCHEMA = pa.schema(
     [

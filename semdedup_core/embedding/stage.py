@@ -27,13 +27,13 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from .config import RunConfig
-from .embedders import ImageEmbedder, TextEmbedder, load_embedder
-from .partitions import FAILED_SCHEMA
-from .raw_sources import RawShard, ScannedItem, read_payloads, scan_items, synthetic_id
-from .run import RunPlan, default_buckets
-from .sources import Shard, duplicate_id_error, first_duplicate_id, printable, unicode_problem
-from .storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
+from semdedup_core.config import RunConfig
+from semdedup_core.embedding.models import ImageEmbedder, TextEmbedder, load_embedder
+from semdedup_core.dedup.partitions import FAILED_SCHEMA
+from semdedup_core.inputs.datasets import RawShard, ScannedItem, read_payloads, scan_items, synthetic_id
+from semdedup_core.run.plan import RunPlan, default_buckets
+from semdedup_core.inputs.precomputed import Shard, duplicate_id_error, first_duplicate_id, printable, unicode_problem
+from semdedup_core.storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
 
 HASH_BYTES = 16
 # Text is tokenized in chunks of this many texts whose windows are sorted by length, so a

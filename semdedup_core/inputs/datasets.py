@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 from fsspec.utils import infer_compression
 from pydantic import BaseModel
 
-from .config import RunConfig
-from .sources import (
+from semdedup_core.config import RunConfig
+from semdedup_core.inputs.precomputed import (
     InputError,
     _check_metadata_types,
     _open_parquet,
@@ -48,7 +48,7 @@ from .sources import (
     one_line,
     utf8_values,
 )
-from .storage import expand_input, filesystem, with_retries
+from semdedup_core.storage import expand_input, filesystem, with_retries
 
 RAW_FORMATS = ("webdataset", "parquet", "jsonl", "images")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -117,7 +117,7 @@ def detect_format(cfg: RunConfig) -> str:
     """The format of the inputs: cfg.format, or for 'auto' recognised from the files."""
     if cfg.format != "auto":
         return cfg.format
-    from .sources import _is_clip_folder
+    from semdedup_core.inputs.precomputed import _is_clip_folder
 
     kinds: dict[str, str] = {}
     for entry in cfg.input:

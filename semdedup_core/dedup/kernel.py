@@ -142,7 +142,7 @@ def cluster_max_sim(
 ) -> ClusterScores:
     """max_sim / dup_of of every row of an ordered cluster against all earlier rows.
 
-    ``y`` must already be in keep order (see :mod:`semdedup_core.ordering`) and unit norm.
+    ``y`` must already be in keep order (see :mod:`semdedup_core.dedup.ordering`) and unit norm.
     """
     if tile_size < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")

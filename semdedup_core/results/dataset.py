@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.utils import infer_compression
 
-from .raw_sources import RawShard, compressed_writer, jsonl_lines, split_key
-from .run import RunPlan
-from .sources import InputError, _open_parquet, canonical_id_array, one_line
-from .storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes, write_json
+from semdedup_core.inputs.datasets import RawShard, compressed_writer, jsonl_lines, split_key
+from semdedup_core.run.plan import RunPlan
+from semdedup_core.inputs.precomputed import InputError, _open_parquet, canonical_id_array, one_line
+from semdedup_core.storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes, write_json
 
 KEPT, REMOVED, FAILED = "kept", "removed", "failed"
 
