@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.run.stage_results import RunSummary
 
 try:  # recent typer parses with its own copy of click
     from typer import _click as click
@@ -263,7 +264,7 @@ def run(
     print_summary(summary, log, verbose)
 
 
-def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> dict:
+def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> RunSummary:
     """A finished run's stored summary; else fail fast on a misconfiguration (before Prefect
     starts), then run the flow. Unless verbose, stderr goes to the log from here on."""
     _prepare_environment(verbose)
@@ -283,7 +284,7 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> dict:
     return semdedup_flow(config=cfg)
 
 
-def finished_summary(cfg: RunConfig) -> dict | None:
+def finished_summary(cfg: RunConfig) -> RunSummary | None:
     """result/summary.json of a finished run at the output with this configuration, the same
     input shards and everything asked for written; None when there is work to do. Cheap:
     no Prefect, no model, no torch."""
@@ -315,36 +316,36 @@ def finished_summary(cfg: RunConfig) -> dict | None:
     if run.get("fingerprints") != input_fingerprints(sources, shards):
         return None  # an input was rewritten: the full plan names it and refuses the resume
     check_free(layout.lease)  # a run still holding the output may be changing it
-    return summary
+    return RunSummary.model_validate(summary)
 
 
 def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def print_summary(summary: dict, log: RunLog, verbose: bool) -> None:
+def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     table = Table(title="semdedup", show_header=False)
-    table.add_row("input items", f"{summary['n_input']:,}")
-    table.add_row("kept", f"{summary['n_kept']:,}")
-    table.add_row("removed", f"{summary['n_removed']:,}")
-    if summary.get("n_exact"):
-        table.add_row("  of them exact copies", f"{summary['n_exact']:,}")
-    table.add_row("failed", f"{summary['n_failed']:,}")
-    if summary.get("n_long_texts") is not None:
-        table.add_row("texts longer than the model's limit", f"{summary['n_long_texts']:,} ({summary['long_text']})")
-    table.add_row("eps", f"{summary['eps']:.6g}")
-    if summary.get("target_keep") is not None:
+    table.add_row("input items", f"{summary.n_input:,}")
+    table.add_row("kept", f"{summary.n_kept:,}")
+    table.add_row("removed", f"{summary.n_removed:,}")
+    if summary.n_exact:
+        table.add_row("  of them exact copies", f"{summary.n_exact:,}")
+    table.add_row("failed", f"{summary.n_failed:,}")
+    if summary.n_long_texts is not None:
+        table.add_row("texts longer than the model's limit", f"{summary.n_long_texts:,} ({summary.long_text})")
+    table.add_row("eps", f"{summary.eps:.6g}")
+    if summary.target_keep is not None:
         table.add_row(
             "kept fraction of judged items (target / sampled prediction / achieved)",
-            f"{summary['target_keep']:.4f} / {summary['predicted_kept_fraction']:.4f} / {_fraction(summary['kept_fraction'])}",
+            f"{summary.target_keep:.4f} / {summary.predicted_kept_fraction:.4f} / {_fraction(summary.kept_fraction)}",
         )
     else:
-        table.add_row("kept fraction of judged items", _fraction(summary["kept_fraction"]))
-    table.add_row("clusters", str(summary["clusters"]))
-    table.add_row("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in summary["stage_seconds"].items()))
+        table.add_row("kept fraction of judged items", _fraction(summary.kept_fraction))
+    table.add_row("clusters", str(summary.clusters))
+    table.add_row("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items()))
     console.print(table)
     # Outside the table so a long URL is never cut.
-    console.print(f"output: {summary['output']}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"output: {summary.output}", soft_wrap=True, markup=False, highlight=False)
     if not verbose:
         console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
 

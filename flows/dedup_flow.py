@@ -1,95 +1,115 @@
-"""The semdedup flow: the DAG of DESIGN §4.
+"""The semdedup flow: the DAG of semdedup_core.run.dag, each unit a Prefect task.
 
-    plan ─▶ scan[shard] ─▶ exact duplicates ─▶ embed[shard]          (raw images or text only)
-         ─▶ fit centroids (sample) ─▶ assign+partition[shard] ─▶ collect
-         ─▶ tune eps (if target_keep: the sampled prediction) ─▶ dedup[bucket]
-         ─▶ threshold (target_keep, tuning='exact': eps met on all items ─▶ apply[bucket]) ─▶ finalize
-         ─▶ write[shard]                                              (if asked: the dataset back)
+The flow runs the same ``run_dag`` as the in-process runner, with an executor that submits
+every unit to the flow's task runner: threads by default, Dask or Ray when the flow is run
+``with_options(task_runner=...)`` (the CLI's ``--task-runner``). See docs/architecture.md
+§"Executors".
 """
 
 from __future__ import annotations
 
-from prefect import flow, unmapped
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from semdedup_core.config import RunConfig
-from semdedup_core.run.lease import Lease
-from semdedup_core.results.summary import record_written
-from semdedup_core.run.plan import RunPlan, StageClock, record_stage, refusals_recorded
-from tasks.stages import (
-    apply_threshold_task,
-    assign_shard_task,
-    collect_partitions_task,
-    configure_compute,
-    embed_shard_task,
-    exact_eps_task,
-    finalize_task,
-    fit_centroids_task,
-    plan_embedded_task,
-    plan_run_task,
-    resolve_exact_task,
-    scan_shard_task,
-    score_bucket_task,
-    start_run_task,
-    storage_credentials,
-    tune_eps_task,
-    write_shard_task,
-)
+from semdedup_core.run.dag import DEDUP, EMBED, R, Step, run_dag
+from semdedup_core.run.plan import RunPlan
+from semdedup_core.run.stage_results import RunSummary
+from tasks.stages import TASKS, plan_run_task, storage_credentials
+
+# Stages long enough to show a progress bar in the UI.
+_PROGRESS = {EMBED.name: "embedding", DEDUP.name: "dedup"}
+
+
+def artifact_key(output: str, kind: str) -> str:
+    """A key per output (Prefect keys: lowercase letters, digits, dashes), so each output's
+    artifacts keep their own history in the UI."""
+    slug = re.sub(r"[^a-z0-9]+", "-", output.lower()).strip("-")[-40:].strip("-")
+    digest = hashlib.blake2b(output.encode(), digest_size=4).hexdigest()
+    return f"semdedup-{kind}-{slug}-{digest}"
+
+
+class PrefectExecutor:
+    """Units as Prefect tasks on the flow's task runner.
+
+    On the default thread pool at most ``workers`` units are submitted at a time, so a task
+    is Running only while it computes; other runners (Dask, Ray) get every unit at once and
+    schedule them on their own workers.
+    """
+
+    def __init__(self, config: RunConfig):
+        runner = FlowRunContext.get().task_runner
+        self.window = config.workers if isinstance(runner, ThreadPoolTaskRunner) else None
+
+    def plan(self, cfg: RunConfig) -> RunPlan:
+        return plan_run_task(cfg)
+
+    def run(self, step: Step[R], plan: RunPlan, **inputs: Any) -> R:
+        return TASKS[step.name].submit(plan, **inputs).result()
+
+    def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
+        task, per_unit = TASKS[step.name], per_unit or {}
+        progress = _Progress(plan, step, len(units)) if step.name in _PROGRESS and len(units) > 1 else None
+        results: list[Any] = [None] * len(units)
+        position: dict[PrefectFuture, int] = {}
+        waiting = list(range(len(units)))[::-1]
+        while waiting or position:
+            while waiting and (self.window is None or len(position) < self.window):
+                i = waiting.pop()
+                position[task.submit(plan, units[i], **{k: v[i] for k, v in per_unit.items()}, **inputs)] = i
+            done = next(as_completed(list(position)))
+            results[position.pop(done)] = done.result()
+            if progress is not None:
+                progress.advance()
+        return results
+
+
+class _Progress:
+    """A progress artifact per long stage of a run, updated as its units finish."""
+
+    def __init__(self, plan: RunPlan, step: Step, total: int):
+        self.total, self.done = total, 0
+        what = _PROGRESS[step.name]
+        self.id = create_progress_artifact(0.0, key=artifact_key(plan.config.output, what), description=f"semdedup {what}: {total} units of {plan.config.output}")
+
+    def advance(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.id, 100.0 * self.done / self.total)
 
 
 @flow(name="semdedup", log_prints=False, validate_parameters=True)
-def semdedup_flow(config: RunConfig) -> dict:
+def semdedup_flow(config: RunConfig) -> RunSummary:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
-    configure_compute(config.workers)
-    clock = StageClock()
     with storage_credentials(config):
-        with clock.stage("plan"):
-            plan = plan_run_task(config)  # every misconfiguration fails here, before any work
-        with Lease(plan.layout.lease):  # a second run on the same output is refused here
-            start_run_task(plan)
-            record_stage(plan, "plan", clock.seconds["plan"])
-            with refusals_recorded(plan):
-                if plan.embeds:
-                    plan = _embed(plan, clock)
-                return _stages(config, plan, clock)
-
-
-def _embed(plan: RunPlan, clock: StageClock) -> RunPlan:
-    shards = [s.index for s in plan.sources]
-    with clock.stage("scan", plan):
-        scan_shard_task.map(unmapped(plan), shards).result()
-    with clock.stage("exact", plan):
-        resolve_exact_task(plan)
-    with clock.stage("embed", plan):
-        embed_shard_task.map(unmapped(plan), shards).result()
-    return plan_embedded_task(plan, dict(clock.seconds))
-
-
-def _stages(config: RunConfig, plan: RunPlan, clock: StageClock) -> dict:
-    with clock.stage("fit", plan):
-        fit_centroids_task(plan)
-    with clock.stage("assign", plan):
-        assign_shard_task.map(unmapped(plan), [s.index for s in plan.shards]).result()
-    with clock.stage("collect", plan):
-        index = collect_partitions_task(plan)
-
-    tuning = None
-    eps = config.effective_eps
-    if config.target_keep is not None:
-        with clock.stage("tune", plan):
-            tuning = tune_eps_task(plan, index)
-        eps = tuning["eps"] if config.tuning == "sample" else None
-
-    with clock.stage("dedup", plan):
-        score_bucket_task.map(unmapped(plan), list(range(plan.buckets)), index["buckets"], unmapped(eps)).result()
-    if eps is None:  # tuning='exact': the eps meeting the target on every scored item
-        with clock.stage("threshold", plan):
-            tuning = exact_eps_task(plan, index, tuning)
-            eps = tuning["eps"]
-            apply_threshold_task.map(unmapped(plan), list(range(plan.buckets)), unmapped(eps)).result()
-    with clock.stage("finalize", plan):
-        summary = finalize_task(plan, eps, tuning, dict(clock.seconds))
-    if config.write_dataset or config.write_removed:
-        with clock.stage("write", plan):
-            written = write_shard_task.map(unmapped(plan), list(range(len(plan.sources or plan.shards)))).result()
-        summary = record_written(plan, written, clock.seconds["write"])
+        summary = run_dag(config, PrefectExecutor(config))
+    _summary_artifacts(summary)
     return summary
+
+
+def _summary_artifacts(summary: RunSummary) -> None:
+    fraction = f"{summary.kept_fraction:.2%}" if summary.kept_fraction is not None else "n/a"
+    create_markdown_artifact(
+        key=artifact_key(summary.output, "summary"),
+        markdown=(
+            f"### semdedup: {summary.n_kept:,} kept, {summary.n_removed:,} removed, {summary.n_failed:,} failed\n\n"
+            f"of {summary.n_input:,} items at eps={summary.eps:.6g} (kept {fraction} of the judged items).\n\n"
+            f"Output: `{summary.output}`"
+            + "".join(f"\n\n**warning:** {w}" for w in summary.warnings)
+        ),
+        description=f"semdedup run summary of {summary.output}",
+    )
+    if summary.tuning:
+        create_table_artifact(
+            key=artifact_key(summary.output, "tuning"),
+            table=[{"target_keep": summary.target_keep, "tuning": summary.tuning, "eps": summary.eps, "sampled_eps": summary.sampled_eps,
+                    "predicted_kept_fraction": summary.predicted_kept_fraction, "kept_fraction": summary.kept_fraction}],
+            description="eps tuned to the target kept fraction",
+        )

@@ -27,7 +27,7 @@ DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Fields that change how fast a run goes or what else it writes, never what it decides;
 # a resumed run may change them freely (the kernel is exact for every tile size and device).
 EXECUTION_FIELDS = frozenset(
-    {"tile_size", "device", "workers", "on_existing", "storage_block", "batch_size", "decode_workers", "write_dataset", "write_removed"}
+    {"tile_size", "device", "workers", "threads_per_task", "on_existing", "storage_block", "batch_size", "decode_workers", "write_dataset", "write_removed"}
 )
 # Fields that define the embeddings: with on_existing='reuse-embeddings' only these must match.
 EMBEDDING_FIELDS = frozenset(
@@ -114,7 +114,12 @@ class RunConfig(BaseModel):
     tile_size: int = Field(2048, ge=1, le=C_INT_MAX, description="Kernel tile: memory is bounded by tile_size^2 floats, not by a cluster's size squared.")
     buckets: int | None = Field(None, ge=1, le=C_INT_MAX, description="Dedup tasks (buckets of clusters). Default: sized from the data, at most 1000.")
     device: Device = Field("auto", description="auto uses CUDA when present.")
-    workers: int = Field(1, ge=1, le=C_INT_MAX, description="Tasks run at once; torch/faiss threads are split between them.")
+    workers: int = Field(
+        1, ge=1, le=C_INT_MAX, description="Heavy tasks run at once in this process (threads task runner); torch/faiss threads are split between them."
+    )
+    threads_per_task: int | None = Field(
+        None, ge=1, le=4096, description="torch/faiss threads of one heavy task. Default: OMP_NUM_THREADS where set (Dask sets it), else cores / workers."
+    )
     on_existing: Literal["resume", "fresh", "reuse-embeddings"] = Field(
         "resume",
         description="An existing run at the output: resume it (same config required), delete it and start fresh, or keep only its embeddings (same model and input required) and redo the rest.",

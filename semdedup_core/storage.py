@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
@@ -60,11 +61,32 @@ class StorageError(OSError):
     """A storage operation that still failed after every retry; names the object."""
 
 
+# S3 options (credentials, endpoint) of the run being executed in this context: set around
+# each unit by whoever executes it, so they reach any process or thread that runs one and
+# are never written into a parameter, a result or a log.
+_s3_options: ContextVar[dict[str, Any]] = ContextVar("semdedup_s3_options", default={})
+
+
+@contextmanager
+def s3_options(options: dict[str, Any]) -> Iterator[None]:
+    """Use these s3fs options (over fsspec's configured defaults) for S3 URLs in this context."""
+    token = _s3_options.set({**_s3_options.get(), **options})
+    try:
+        yield
+    finally:
+        _s3_options.reset(token)
+
+
+def current_s3_options() -> dict[str, Any]:
+    return dict(_s3_options.get())
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for a URL or local path."""
     options: dict[str, Any] = {}
     if url.startswith(("s3://", "s3a://")):
-        configured = fsspec.config.conf.get("s3", {})
+        options.update(_s3_options.get())
+        configured = {**fsspec.config.conf.get("s3", {}), **options}
         # Three layers retry (botocore per request, s3fs per call on connection errors,
         # with_retries per operation): keep botocore's small so a dead object fails in
         # seconds rather than minutes.

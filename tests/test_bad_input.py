@@ -187,8 +187,8 @@ def test_truncated_npy_in_a_clip_retrieval_folder(tmp_path):
         _no_artifacts(out)
         return
     summary = run_pipeline(cfg)
-    assert summary["n_input"] == 80
-    assert summary["n_failed"] >= 11
+    assert summary.n_input == 80
+    assert summary.n_failed >= 11
     failed = pq.read_table(out / "result" / "failed.parquet").to_pylist()
     assert all(str(npy) in f["source"] for f in failed)
 
@@ -332,7 +332,7 @@ def test_bad_vectors_and_bad_rows_end_in_failed(tmp_path):
     pq.write_table(pa.table({"id": b_ids, "embedding": pa.array(b_values, pa.list_(pa.float32()))}), path_b)
     out = tmp_path / "out"
     summary = run_pipeline(_cfg([data / "*.parquet"], out, clusters=4, eps=0.1))
-    assert summary["n_failed"] == 6
+    assert summary.n_failed == 6
     result, failed = _check_accounting(out, a_ids + b_ids)
     assert result == json.loads((out / "result" / "summary.json").read_text())
     by_id = {r["id"]: r for r in failed}
@@ -364,7 +364,7 @@ def test_clip_retrieval_bad_vectors_end_in_failed(tmp_path):
     np.save(npy, x)
     out = tmp_path / "out"
     summary = run_pipeline(_cfg([root], out, clusters=3, eps=0.1))
-    assert summary["n_failed"] == 2
+    assert summary.n_failed == 2
     _, failed = _check_accounting(out, [f"k{s}_{i}" for s in range(2) for i in range(30)])
     by_id = {r["id"]: r for r in failed}
     assert set(by_id) == {"k0_3", "k0_12"}

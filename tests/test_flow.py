@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.run.stage_results import RunSummary
 
 from .conftest import write_embeddings
 
@@ -83,14 +84,14 @@ def dataset(tmp_path_factory) -> dict:
     return make_dataset(tmp_path_factory.mktemp("flow-data"))
 
 
-def run_flow(**kw) -> dict:
+def run_flow(**kw) -> RunSummary:
     from flows.dedup_flow import semdedup_flow
 
     return semdedup_flow(config=RunConfig(**kw))
 
 
 @pytest.fixture(scope="module")
-def eps_run(prefect_harness, dataset, tmp_path_factory) -> tuple[Path, dict]:
+def eps_run(prefect_harness, dataset, tmp_path_factory) -> tuple[Path, RunSummary]:
     out = tmp_path_factory.mktemp("flow-eps") / "run"
     summary = run_flow(input=[dataset["glob"]], output=str(out), eps=EPS, clusters=CLUSTERS, buckets=BUCKETS, workers=2, seed=7)
     return out, summary
@@ -197,7 +198,7 @@ def test_run_layout_and_schemas(eps_run, dataset):
         ("error", pa.string()),
     ]
     stored = json.loads((out / "result" / "summary.json").read_text())
-    assert stored == json.loads(json.dumps(summary))
+    assert RunSummary.model_validate(stored) == summary
     assert not (out / "result" / "removed.by-shard.parquet").exists()  # finalize's spill is gone
     for key in ("n_input", "n_embedded", "n_kept", "n_removed", "n_failed", "eps", "target_keep", "kept_fraction", "clusters", "stage_seconds", "versions", "per_source"):
         assert key in stored, key
@@ -219,7 +220,7 @@ def test_results_account_for_every_item_once(eps_run, dataset):
     removed = [r["id"] for r in tables["removed"]]
     failed = tables["failed"]
     assert sorted(kept + removed + [r["id"] for r in failed]) == sorted(dataset["ids"])
-    assert (len(kept), len(removed), len(failed)) == (summary["n_kept"], summary["n_removed"], summary["n_failed"])
+    assert (len(kept), len(removed), len(failed)) == (summary.n_kept, summary.n_removed, summary.n_failed)
     assert {r["id"] for r in failed} == dataset["broken"]
     assert all("shard-" in r["source"] and " row " in r["source"] and r["error"] for r in failed)
     # removed.parquet is exactly the removed rows of scores
@@ -272,7 +273,7 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def resumable_run(prefect_harness, dataset, tmp_path_factory) -> tuple[Path, dict]:
+def resumable_run(prefect_harness, dataset, tmp_path_factory) -> tuple[Path, RunSummary]:
     """A second run of its own, so the resume tests do not disturb the others."""
     out = tmp_path_factory.mktemp("flow-resume") / "run"
     summary = run_flow(input=[dataset["glob"]], output=str(out), eps=EPS, clusters=CLUSTERS, buckets=BUCKETS, workers=1, seed=7)
@@ -291,7 +292,7 @@ def test_rerun_resumes_skips_finished_work_and_allows_execution_changes(resumabl
     assert result_tables(out) == before_tables
     assert read_scores(out).equals(before_scores)
     for key in ("n_input", "n_embedded", "n_kept", "n_removed", "n_failed", "eps", "kept_fraction", "clusters"):
-        assert again[key] == first[key], key
+        assert getattr(again, key) == getattr(first, key), key
     run = json.loads((out / "run.json").read_text())
     assert run["execution"]["tile_size"] == 64
     assert all(run["stages"][s]["status"] == "done" for s in ("plan", "fit", "assign", "collect", "dedup", "finalize"))
@@ -316,7 +317,7 @@ def test_interrupted_run_recomputes_only_what_is_missing(resumable_run, dataset)
     for name, table in before_scores.items():
         assert pq.read_table(out / "scores" / name).equals(table), name
     assert result_tables(out) == before_tables
-    assert summary["n_removed"] == first["n_removed"] and summary["n_kept"] == first["n_kept"]
+    assert summary.n_removed == first.n_removed and summary.n_kept == first.n_kept
 
 
 def test_rerun_with_a_different_eps_is_refused(resumable_run, dataset):
@@ -347,7 +348,7 @@ def test_target_keep_run_tunes_eps(prefect_harness, dataset, tmp_path):
     assert stored["target_keep"] == target
     assert stored["predicted_kept_fraction"] is not None and 0 < stored["predicted_kept_fraction"] <= 1
     assert 0 < stored["eps"] < 1
-    assert stored["eps"] == summary["eps"] == json.loads((out / "tuning" / "result.json").read_text())["eps"]
+    assert stored["eps"] == summary.eps == json.loads((out / "tuning" / "result.json").read_text())["eps"]
     assert stored["n_kept"] + stored["n_removed"] + stored["n_failed"] == stored["n_input"] == len(dataset["ids"])
     assert "tune" in json.loads((out / "run.json").read_text())["stages"]
     # the tuned eps is applied exactly like a given one

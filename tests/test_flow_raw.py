@@ -60,8 +60,8 @@ def test_flow_from_tars_to_kept_removed_failed_and_dataset(tars, tiny_clip, tmp_
     removed = pq.read_table(out / "result" / "removed.parquet").to_pylist()
     failed = pq.read_table(out / "result" / "failed.parquet").to_pylist()
     assert sorted(kept + [r["id"] for r in removed] + [f["id"] for f in failed]) == sorted(tars["keys"])
-    assert (summary["n_input"], summary["n_failed"], summary["n_exact"]) == (24, 2, 1)
-    assert summary["n_kept"] + summary["n_removed"] + summary["n_failed"] == 24
+    assert (summary.n_input, summary.n_failed, summary.n_exact) == (24, 2, 1)
+    assert summary.n_kept + summary.n_removed + summary.n_failed == 24
 
     copy, original = tars["exact"]
     exact = [r for r in removed if r["reason"] == "exact"]

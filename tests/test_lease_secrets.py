@@ -251,7 +251,7 @@ def test_fresh_deletes_an_old_run_with_a_different_config_and_nothing_else(data,
     assert "eps" in str(refused.value) and "buckets" in str(refused.value)
     with single_thread():
         summary = run_pipeline(RunConfig(input=[data["glob"]], output=str(out), on_existing="fresh", **new))
-    assert summary["eps"] == 0.05 and summary["buckets"] == 2
+    assert summary.eps == 0.05 and summary.buckets == 2
     assert (out / "notes-from-the-old-run.txt").read_text() == "stale"  # not ours: never deleted
     assert sorted(p.name for p in (out / "scores").glob("*.parquet")) == ["bucket-00000.parquet", "bucket-00001.parquet"]
     run = json.loads((out / "run.json").read_text())
@@ -360,7 +360,7 @@ def test_flow_run_keeps_environment_credentials_out_of_prefect_and_the_output(pr
     bucket = moto_s3.new_bucket("envcreds")
     out = f"s3://{bucket}/run"
     summary = semdedup_flow(config=RunConfig(input=[upload(moto_s3, data, bucket)], output=out, workers=2, **CFG))
-    assert summary["n_input"] == len(data["ids"])
+    assert summary.n_input == len(data["ids"])
     RunResults(out, moto_s3).check_accounting(data["ids"])
     assert assert_bucket_clean(moto_s3, bucket, "run/", FAKE_AWS_KEY, FAKE_AWS_SECRET) > 10
     dump = prefect_backend_dump()
@@ -390,7 +390,7 @@ def test_credentials_only_from_a_prefect_secret_block(prefect_harness, moto_s3, 
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     # It ran against moto: the endpoint came from the block only.
-    assert summary["n_input"] == len(data["ids"])
+    assert summary.n_input == len(data["ids"])
     results = RunResults(out, moto_s3)
     results.check_accounting(data["ids"])
     run = json.loads(moto_s3.get(bucket, "run/run.json"))

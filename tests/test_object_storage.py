@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from semdedup_core.config import RunConfig
+from semdedup_core.run.stage_results import RunSummary
 
 from .conftest import RunResults, unit_rows, write_embeddings
 
@@ -39,7 +40,7 @@ def make_data(folder: Path) -> dict:
     return {"files": files, "glob": str(folder / "part-*.parquet"), "ids": ids, "broken": {ids[-2], ids[-1]}}
 
 
-def run_flow(**kw) -> dict:
+def run_flow(**kw) -> RunSummary:
     from flows.dedup_flow import semdedup_flow
 
     return semdedup_flow(config=RunConfig(**kw))
@@ -105,10 +106,10 @@ def test_summary_counts_on_s3(runs):
     s3.check_accounting(data["ids"])
     summary = s3.summary
     assert summary == json.loads(json.dumps(runs["s3_summary"]))
-    assert summary["output"] == f"s3://{runs['bucket']}/runs/first"
-    assert summary["n_input"] == len(data["ids"]) and summary["n_failed"] == 2
-    assert summary["n_embedded"] == summary["n_kept"] + summary["n_removed"] == len(data["ids"]) - 2
-    assert summary["n_removed"] >= 300  # the planted exact and near copies
+    assert summary.output == f"s3://{runs['bucket']}/runs/first"
+    assert summary.n_input == len(data["ids"]) and summary.n_failed == 2
+    assert summary.n_embedded == summary.n_kept + summary.n_removed == len(data["ids"]) - 2
+    assert summary.n_removed >= 300  # the planted exact and near copies
     assert {r["id"] for r in s3.failed} == data["broken"]
     assert s3.n_score_files == CFG["buckets"]
 
@@ -162,7 +163,7 @@ def test_raw_tars_on_s3_give_the_same_result_and_dataset_as_on_disk(moto_s3, tin
     local_summary = run_pipeline(RunConfig(input=[str(tmp_path / "tars")], output=str(tmp_path / "run"), **common))
     for key in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed"):
         assert s3_summary[key] == local_summary[key], key
-    assert s3_summary["n_exact"] == 2
+    assert s3_summary.n_exact == 2
     local, remote = RunResults(tmp_path / "run"), RunResults(f"s3://{bucket}/run", moto_s3)
     # Sources name where each item lives: the same members under the bucket's or the folder's URL.
     def rooted(rows: list[dict], root: str) -> list[str]:

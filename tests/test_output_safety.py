@@ -571,7 +571,7 @@ def test_fresh_on_s3_deletes_only_our_objects(moto_s3, shards):
     moto_s3.client.put_object(Bucket=bucket, Key="run/scores/bucket-1.parquet", Body=b"mine too")
     with single_thread():
         summary = run_pipeline(cfg.model_copy(update={"eps": 0.3, "on_existing": "fresh"}))
-    assert summary["eps"] == 0.3
+    assert summary.eps == 0.3
     keys = moto_s3.keys(bucket, "run/")
     assert moto_s3.get(bucket, "run/notes.txt") == b"mine" and moto_s3.get(bucket, "run/scores/bucket-1.parquet") == b"mine too"
     assert sorted(k for k in keys if k.startswith("run/scores/bucket-0")) == [f"run/scores/bucket-0000{b}.{e}" for b in range(2) for e in ("json", "parquet")]

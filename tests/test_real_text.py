@@ -31,8 +31,8 @@ def test_default_settings_on_real_modules_match_the_labels(tmp_path):
     layout = RunLayout(str(out))
     kept = set(pq.read_table(layout.kept).column("id").to_pylist())
     removed = pq.read_table(layout.removed, columns=["id", "kept_id"]).to_pylist()
-    assert summary["n_failed"] == 0 and len(kept) + len(removed) == len(texts)
-    assert summary["long_text"] == "chunk" and summary["n_long_texts"] > 0
+    assert summary.n_failed == 0 and len(kept) + len(removed) == len(texts)
+    assert summary.long_text == "chunk" and summary.n_long_texts > 0
 
     group = {doc_id: doc_id for doc_id in kept} | {r["id"]: r["kept_id"] for r in removed}
     duplicates = [p for p in labels if p["label"] == "duplicate"]

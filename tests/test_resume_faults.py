@@ -248,7 +248,7 @@ def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(point, big, tmp_path):
     assert not lease_url.exists()
     assert not [p for p in tree(out) if ".semdedup-tmp-" in p]
     results = RunResults(out)
-    assert summary["n_kept"] == results.summary["n_kept"]
+    assert summary.n_kept == results.summary["n_kept"]
     assert results.n_score_files == BIG_CFG["buckets"]
     assert_same_decisions(results, big["reference"], big["ids"])
     assert all(s["status"] == "done" for s in json.loads((out / "run.json").read_text())["stages"].values())

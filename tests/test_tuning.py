@@ -66,13 +66,13 @@ def test_target_met_to_the_item_and_predicted_within_half_a_point(tmp_path_facto
     out = tmp_path_factory.mktemp("tuned")
     cfg = RunConfig(input=[str(data / "part-*.parquet")], output=str(out), clusters=300, target_keep=target, seed=3)
     summary = run_pipeline(cfg)
-    assert summary["n_input"] == 300_000 and summary["n_failed"] == 0
+    assert summary.n_input == 300_000 and summary.n_failed == 0
     max_sim = [v for f in sorted((out / "scores").glob("*.parquet")) for v in pq.read_table(f, columns=["max_sim"]).column("max_sim").to_pylist()]
     wanted, nearest = nearest_reachable_kept(max_sim, target, 300_000)
-    assert summary["tuning"] == "exact" and summary["n_kept"] in nearest, (summary, wanted, nearest)
-    assert abs(summary["predicted_kept_fraction"] - target) <= 0.005, summary
+    assert summary.tuning == "exact" and summary.n_kept in nearest, (summary, wanted, nearest)
+    assert abs(summary.predicted_kept_fraction - target) <= 0.005, summary
     curve = pq.read_table(out / "tuning" / "curve.parquet")
     assert curve.column_names == ["eps", "predicted_kept_fraction"]
     tuned = json.loads((out / "tuning" / "result.json").read_text())
     # 10 % of the clusters, grown until they hold 10 % of the items.
-    assert tuned["sample_clusters"] >= 30 and tuned["sample_items"] >= 30_000 and tuned["eps"] == summary["eps"]
+    assert tuned["sample_clusters"] >= 30 and tuned["sample_items"] >= 30_000 and tuned["eps"] == summary.eps

@@ -21,8 +21,9 @@ import pyarrow as pa
 from semdedup_core.dedup.clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
 from semdedup_core.config import ConfigError
 from semdedup_core.run.plan import RunPlan
+from semdedup_core.run.stage_results import FitResult, PartitionIndex, ShardPartition
 from semdedup_core.inputs.precomputed import iter_batches, read_rows
-from semdedup_core.storage import atomic_open, exists, parquet_writer, read_json, read_npy, read_parquet, read_range, write_json, write_npy, write_parquet
+from semdedup_core.storage import atomic_open, parquet_writer, read_json, read_npy, read_parquet, read_range, write_npy, write_parquet
 from semdedup_core.inputs.vectors import prepare_vectors
 
 READ_BATCH_ROWS = 16384
@@ -66,11 +67,9 @@ def plan_buckets(estimated_sizes: np.ndarray, n_buckets: int) -> np.ndarray:
     return bucket_of
 
 
-def fit_centroids(plan: RunPlan) -> dict:
-    """Seeded sample -> spherical k-means -> centroids.npy, bucket plan, fit.json (last)."""
+def fit_centroids(plan: RunPlan) -> FitResult:
+    """Seeded sample -> spherical k-means -> centroids.npy and the bucket plan."""
     layout, cfg = plan.layout, plan.config
-    if exists(layout.clustering_stats):
-        return read_json(layout.clustering_stats)
     wanted = cfg.kmeans_points_per_centroid * plan.clusters
     per_shard = sample_rows([s.n_rows for s in plan.shards], wanted, cfg.seed)
     parts = []
@@ -88,17 +87,15 @@ def fit_centroids(plan: RunPlan) -> dict:
     bucket_of = plan_buckets(estimated, plan.buckets)
     write_npy(layout.centroids, fit.centroids)
     write_npy(layout.bucket_of_cluster, bucket_of)
-    stats = {
-        "clusters": plan.clusters,
-        "buckets": plan.buckets,
-        "sample_size": fit.sample_size,
-        "iterations": cfg.kmeans_iterations,
-        "objective": fit.objective,
-        "imbalance_factor": fit.imbalance,
-        "gpu": use_gpu,
-    }
-    write_json(layout.clustering_stats, stats)
-    return stats
+    return FitResult(
+        clusters=plan.clusters,
+        buckets=plan.buckets,
+        sample_size=fit.sample_size,
+        iterations=cfg.kmeans_iterations,
+        objective=fit.objective,
+        imbalance_factor=fit.imbalance,
+        gpu=use_gpu,
+    )
 
 
 # ---------------------------------------------------------------- assign
@@ -121,12 +118,9 @@ class _Buffer:
         return sum(len(r) for r in self.rows)
 
 
-def assign_shard(plan: RunPlan, shard_index: int) -> dict:
-    """Assign a shard's items to centroids and write its partition, failures and manifest (last)."""
+def assign_shard(plan: RunPlan, shard_index: int) -> ShardPartition:
+    """Assign a shard's items to centroids and write its partition and failures."""
     layout = plan.layout
-    manifest_url = layout.partition_manifest(shard_index)
-    if exists(manifest_url):
-        return read_json(manifest_url)
     shard = plan.shards[shard_index]
     meta = _meta_names(plan)
     centroids = read_npy(layout.centroids)
@@ -194,23 +188,19 @@ def assign_shard(plan: RunPlan, shard_index: int) -> dict:
         layout.partition_failed(shard_index),
         pa.table({k: [f[i] for f in failed] for i, k in enumerate(FAILED_SCHEMA.names)}, schema=FAILED_SCHEMA),
     )
-    manifest = {
-        "shard": shard_index,
-        "n_rows": shard.n_rows,
-        "n_assigned": n_rows_written,
-        "n_failed": len(failed),
-        "row_groups": {str(b): rgs for b, rgs in sorted(row_groups.items())},
-        "cluster_counts": {str(c): int(n) for c, n in enumerate(counts) if n},
-    }
-    write_json(manifest_url, manifest)
-    return manifest
+    return ShardPartition(
+        shard=shard_index,
+        n_rows=shard.n_rows,
+        n_assigned=n_rows_written,
+        n_failed=len(failed),
+        row_groups={str(b): rgs for b, rgs in sorted(row_groups.items())},
+        cluster_counts={str(c): int(n) for c, n in enumerate(counts) if n},
+    )
 
 
-def collect_partitions(plan: RunPlan) -> dict:
+def collect_partitions(plan: RunPlan) -> PartitionIndex:
     """Merge the shard manifests into one index (bucket -> shard row groups) and cluster sizes."""
     layout = plan.layout
-    if exists(layout.partition_index):
-        return read_json(layout.partition_index)
     buckets: list[list[list]] = [[] for _ in range(plan.buckets)]
     sizes = np.zeros(plan.clusters, dtype=np.int64)
     n_failed = n_assigned = 0
@@ -223,9 +213,7 @@ def collect_partitions(plan: RunPlan) -> dict:
         n_failed += manifest["n_failed"]
         n_assigned += manifest["n_assigned"]
     write_npy(layout.cluster_sizes, sizes)
-    index = {"buckets": buckets, "n_assigned": n_assigned, "n_failed": n_failed, "nonempty_clusters": int((sizes > 0).sum())}
-    write_json(layout.partition_index, index)
-    return index
+    return PartitionIndex(buckets=buckets, n_assigned=n_assigned, n_failed=n_failed, nonempty_clusters=int((sizes > 0).sum()))
 
 
 # ---------------------------------------------------------------- read a bucket

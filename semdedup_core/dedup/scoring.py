@@ -12,7 +12,8 @@ from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask
 from semdedup_core.dedup.ordering import cluster_order
 from semdedup_core.dedup.partitions import BucketData, load_bucket
 from semdedup_core.run.plan import RunPlan
-from semdedup_core.storage import exists, read_json, read_parquet, write_json, write_parquet
+from semdedup_core.run.stage_results import BucketScores
+from semdedup_core.storage import exists, read_json, read_parquet, write_parquet
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -69,16 +70,13 @@ def _scored_clusters(scored: pa.Table | None) -> dict[int, pa.Table]:
     return {int(cluster[lo]): scored.slice(lo, hi - lo).combine_chunks() for lo, hi in zip(starts, stops)}
 
 
-def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float | None) -> dict:
-    """Write scores/bucket-N.parquet (rows in cluster, keep order) and its done marker (last).
+def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float | None) -> BucketScores:
+    """Write scores/bucket-N.parquet (rows in cluster, keep order).
 
     With ``eps`` None (tuning='exact': eps is known only once every bucket is scored) the
     ``kept`` column is left null until :func:`apply_threshold` fills it.
     """
     layout = plan.layout
-    done_url = layout.scores_done(bucket)
-    if exists(done_url):
-        return read_json(done_url)
     data = load_bucket(plan, entries, order_function(plan))
     n = len(data.cluster)
     max_sim = np.full(n, np.nan, dtype=np.float32)
@@ -101,11 +99,8 @@ def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float | None) -
         schema=SCORES_SCHEMA,
     )
     write_parquet(layout.scores(bucket), table)
-    result = {"bucket": bucket, "n_scored": n, "clusters": len(data.clusters), "eps": eps}
-    if eps is not None:
-        result["n_removed"] = int(removed_mask(max_sim, eps).sum())
-    write_json(done_url, result)
-    return result
+    n_removed = int(removed_mask(max_sim, eps).sum()) if eps is not None else None
+    return BucketScores(bucket=bucket, n_scored=n, clusters=len(data.clusters), eps=eps, n_removed=n_removed)
 
 
 def _tuning_sample(plan: RunPlan, bucket: int) -> pa.Table | None:
@@ -122,16 +117,12 @@ def _kept_column(max_sim: np.ndarray, eps: float | None) -> pa.Array:
     return pa.array(~removed_mask(max_sim, eps))
 
 
-def apply_threshold(plan: RunPlan, bucket: int, eps: float) -> dict:
-    """Fill a scored bucket's ``kept`` column for the final eps (idempotent; marker updated last)."""
+def apply_threshold(plan: RunPlan, bucket: int, eps: float) -> BucketScores:
+    """Fill a scored bucket's ``kept`` column for the final eps (idempotent)."""
     layout = plan.layout
-    done = read_json(layout.scores_done(bucket))
-    if done.get("eps") == eps:
-        return done
+    scored = BucketScores.model_validate(read_json(layout.scores_done(bucket)))
     scores = read_parquet(layout.scores(bucket))
     max_sim = scores.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN: kept
     kept = _kept_column(max_sim, eps)
     write_parquet(layout.scores(bucket), scores.set_column(scores.schema.get_field_index("kept"), SCORES_SCHEMA.field("kept"), kept))
-    done.update(eps=eps, n_removed=int((~kept.to_numpy(zero_copy_only=False)).sum()))
-    write_json(layout.scores_done(bucket), done)
-    return done
+    return scored.model_copy(update={"eps": eps, "n_removed": int((~kept.to_numpy(zero_copy_only=False)).sum())})

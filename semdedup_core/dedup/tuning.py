@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from semdedup_core.dedup.scoring import iter_cluster_scores, order_function
 from semdedup_core.dedup.partitions import load_bucket
 from semdedup_core.run.plan import RunPlan
-from semdedup_core.storage import exists, read_json, read_npy, read_parquet, write_json, write_parquet
+from semdedup_core.run.stage_results import PartitionIndex, RunSummary, TuningResult
+from semdedup_core.storage import read_npy, read_parquet, write_json, write_parquet
 
 COARSE_GRID = np.unique(np.concatenate([np.geomspace(1e-5, 0.5, 60), np.linspace(0.5, 0.999, 20)]))
 REFINE_POINTS = 64
@@ -104,20 +105,18 @@ def judged_items(plan: RunPlan, n_scored: int) -> int:
     return n_scored + int(pc.sum(pc.invert(pc.is_in(copies_of, value_set=failed_ids))).as_py() or 0)
 
 
-def tune_eps(plan: RunPlan, partition_index: dict) -> dict:
+def tune_eps(plan: RunPlan, partition_index: PartitionIndex) -> TuningResult:
     """Score the sampled clusters (kept in tuning/ for the dedup stage), predict eps, write
-    tuning/curve.parquet and tuning/sample.json (last; with tuning='sample' also
-    tuning/result.json: the prediction is the eps used)."""
+    tuning/curve.parquet (with tuning='sample' also tuning/result.json: the prediction is the
+    eps used)."""
     layout, cfg = plan.layout, plan.config
-    if exists(layout.tuning_prediction):
-        return read_json(layout.tuning_prediction)
     sizes = read_npy(layout.cluster_sizes)
     chosen = sample_clusters(sizes, cfg.tuning_cluster_fraction, cfg.seed, cfg.tuning_min_items)
     bucket_of = read_npy(layout.bucket_of_cluster)
     order = order_function(plan)
     sims: list[np.ndarray] = []
     for bucket in np.unique(bucket_of[chosen]):
-        entries = partition_index["buckets"][int(bucket)]
+        entries = partition_index.buckets[int(bucket)]
         data = load_bucket(plan, entries, order, only_clusters=chosen)
         bucket_sims, dup_index = [], []  # dup_of as an index into the cluster's keep order
         for _, lo, max_sim, dup_rows in iter_cluster_scores(plan, data):
@@ -128,26 +127,25 @@ def tune_eps(plan: RunPlan, partition_index: dict) -> dict:
         columns = {"id": data.ids, "cluster": data.cluster.astype(np.int32), "max_sim": pa.array(np.concatenate(bucket_sims), mask=first), "dup_index": np.concatenate(dup_index)}
         write_parquet(layout.tuning_sample(int(bucket)), pa.table(columns, schema=SAMPLE_SCHEMA))
     max_sim = np.concatenate(sims) if sims else np.zeros(0, np.float32)
-    n_scored = int(partition_index["n_assigned"])
+    n_scored = partition_index.n_assigned
     judged = judged_items(plan, n_scored)
     # The sample judges scored items only; exact copies are removed whatever eps is.
     scored_target = min(1.0, cfg.target_keep * judged / n_scored) if n_scored else cfg.target_keep
     eps, predicted_scored, grid, kept = choose_eps(max_sim, scored_target)
     share = n_scored / judged if judged else 1.0
     write_parquet(layout.tuning_curve, pa.table({"eps": grid, "predicted_kept_fraction": kept * share}))
-    result = {
-        "mode": "sample",
-        "target_keep": cfg.target_keep,
-        "eps": eps,
-        "sampled_eps": eps,
-        "predicted_kept_fraction": predicted_scored * share,
-        "n_judged": judged,
-        "sample_clusters": len(chosen),
-        "sample_items": len(max_sim),
-    }
+    result = TuningResult(
+        mode="sample",
+        target_keep=cfg.target_keep,
+        eps=eps,
+        sampled_eps=eps,
+        predicted_kept_fraction=predicted_scored * share,
+        n_judged=judged,
+        sample_clusters=len(chosen),
+        sample_items=len(max_sim),
+    )
     if cfg.tuning == "sample":
-        write_json(layout.tuning_result, result)
-    write_json(layout.tuning_prediction, result)
+        write_json(layout.tuning_result, result.model_dump(mode="json"))
     return result
 
 
@@ -218,36 +216,32 @@ def _value_of_rank(values: Callable[[], Iterable[np.ndarray]], high: np.ndarray,
     return _unsortable((top << _HALF_BITS) | bottom), at_or_below - int(low[bottom]), at_or_below
 
 
-def exact_eps(plan: RunPlan, partition_index: dict, sampled: dict) -> dict:
+def exact_eps(plan: RunPlan, partition_index: PartitionIndex, sampled: TuningResult) -> TuningResult:
     """The eps keeping round(target x judged) items (the nearest reachable count when max_sim
-    ties straddle it); writes tuning/result.json. Needs every bucket scored."""
-    layout = plan.layout
-    if exists(layout.tuning_result):
-        return read_json(layout.tuning_result)
-    n_scored = int(partition_index["n_assigned"])
+    ties straddle it). Needs every bucket scored."""
+    n_scored = partition_index.n_assigned
     judged = judged_items(plan, n_scored)
     wanted = math.floor(plan.config.target_keep * judged + 0.5)
     threshold, n_kept = threshold_keeping(lambda: _finite_max_sims(plan), n_scored, wanted)
-    result = {
-        **sampled,
-        "mode": "exact",
-        "eps": 1.0 - float(threshold),  # exact: float32(1 - eps) == threshold
-        "target_n_kept": wanted,
-        "n_kept": n_kept,
-        "n_judged": judged,
-        "achieved_kept_fraction": n_kept / judged if judged else None,
-    }
-    write_json(layout.tuning_result, result)
-    return result
+    return sampled.model_copy(
+        update={
+            "mode": "exact",
+            "eps": 1.0 - float(threshold),  # exact: float32(1 - eps) == threshold
+            "target_n_kept": wanted,
+            "n_kept": n_kept,
+            "n_judged": judged,
+            "achieved_kept_fraction": n_kept / judged if judged else None,
+        }
+    )
 
 
-def target_miss_warning(summary: dict) -> str | None:
+def target_miss_warning(summary: RunSummary) -> str | None:
     """One warning line when the paper's sampled eps (tuning='sample') misses the target by
     more than a point; None otherwise."""
-    target, achieved = summary.get("target_keep"), summary.get("kept_fraction")
-    if summary.get("tuning") != "sample" or target is None or achieved is None or abs(achieved - target) <= MISS_TOLERANCE:
+    target, achieved = summary.target_keep, summary.kept_fraction
+    if summary.tuning != "sample" or target is None or achieved is None or abs(achieved - target) <= MISS_TOLERANCE:
         return None
     return (
-        f"target_keep {target:.4f} missed: the sampled eps {summary['eps']:.6g} keeps {achieved:.4f} of the judged items "
-        f"(predicted {summary['predicted_kept_fraction']:.4f}); tuning='exact' meets the target on all items"
+        f"target_keep {target:.4f} missed: the sampled eps {summary.eps:.6g} keeps {achieved:.4f} of the judged items "
+        f"(predicted {summary.predicted_kept_fraction:.4f}); tuning='exact' meets the target on all items"
     )

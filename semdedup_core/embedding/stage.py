@@ -10,7 +10,7 @@
   ``embeddings/shard-N.parquet`` (id + float32 embedding): a precomputed-embeddings shard
   that the rest of the pipeline reads like any other.
 
-Each unit writes its completion marker last, so a re-run skips finished shards.
+Each unit returns its result; the DAG stores it as the unit's marker, last.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from semdedup_core.embedding.models import ImageEmbedder, TextEmbedder, load_emb
 from semdedup_core.dedup.partitions import FAILED_SCHEMA
 from semdedup_core.inputs.datasets import RawShard, ScannedItem, read_payloads, scan_items, synthetic_id
 from semdedup_core.run.plan import RunPlan, default_buckets
+from semdedup_core.run.stage_results import EmbedResult, ExactResult, ScanResult
 from semdedup_core.inputs.precomputed import Shard, duplicate_id_error, first_duplicate_id, printable, unicode_problem
-from semdedup_core.storage import exists, parquet_writer, read_json, read_parquet, write_json, write_parquet
+from semdedup_core.storage import current_s3_options, parquet_writer, s3_options, read_json, read_parquet, write_parquet
 
 HASH_BYTES = 16
 # Text is tokenized in chunks of this many texts whose windows are sorted by length, so a
@@ -75,12 +76,9 @@ def content_hash(item: ScannedItem) -> bytes:
     return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
 
 
-def scan_shard(plan: RunPlan, shard_index: int) -> dict:
-    """scan/shard-N.parquet (one row per item, unusable ones with their reason), marker last."""
+def scan_shard(plan: RunPlan, shard_index: int) -> ScanResult:
+    """scan/shard-N.parquet: one row per item, unusable ones with their reason."""
     layout, cfg = plan.layout, plan.config
-    done_url = layout.scan_done(shard_index)
-    if exists(done_url):
-        return read_json(done_url)
     shard = plan.sources[shard_index]
     meta = _meta_names(cfg)
     columns: dict[str, list] = {name: [] for name in scan_schema(meta).names}
@@ -101,9 +99,7 @@ def scan_shard(plan: RunPlan, shard_index: int) -> dict:
     table = pa.table(columns, schema=scan_schema(meta))
     write_parquet(layout.scan(shard_index), table)
     n_failed = table.num_rows - pc.sum(pc.is_null(table.column("error"))).as_py() if table.num_rows else 0
-    result = {"shard": shard_index, "n_items": table.num_rows, "n_failed": int(n_failed)}
-    write_json(done_url, result)
-    return result
+    return ScanResult(shard=shard_index, n_items=table.num_rows, n_failed=int(n_failed))
 
 
 def _make_storable(shard: RawShard, item: ScannedItem) -> None:
@@ -123,11 +119,9 @@ def _make_storable(shard: RawShard, item: ScannedItem) -> None:
 # ---------------------------------------------------------------- exact duplicates
 
 
-def resolve_exact(plan: RunPlan) -> dict:
+def resolve_exact(plan: RunPlan) -> ExactResult:
     """Unique ids across the input; later copies of identical content -> exact/duplicates.parquet."""
     layout = plan.layout
-    if exists(layout.exact_done):
-        return read_json(layout.exact_done)
     scans = [read_parquet(layout.scan(s.index), columns=["row", "id", "source", "error", "hash"]) for s in plan.sources]
     _check_unique_ids(scans)
     ids = pa.chunked_array([t.column("id") for t in scans], type=pa.string()).combine_chunks()
@@ -155,9 +149,7 @@ def resolve_exact(plan: RunPlan) -> dict:
             schema=EXACT_SCHEMA,
         )
     write_parquet(layout.exact_duplicates, duplicates)
-    result = {"n_items": len(ids), "n_failed": int((~valid).sum()), "n_exact": duplicates.num_rows}
-    write_json(layout.exact_done, result)
-    return result
+    return ExactResult(n_items=len(ids), n_failed=int((~valid).sum()), n_exact=duplicates.num_rows)
 
 
 def _check_unique_ids(scans: list[pa.Table]) -> None:
@@ -217,8 +209,13 @@ class DecodedImages(torch.utils.data.IterableDataset):
         self.sources = scanned.column("source").to_pylist()
         self.preprocess = preprocess
         self.batch_size = batch_size
+        self.s3_options = current_s3_options()  # decoder processes do not inherit the context
 
     def __iter__(self):
+        with s3_options(self.s3_options):
+            yield from self._decoded()
+
+    def _decoded(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         n_batches = -(-len(self.rows) // self.batch_size)
@@ -295,12 +292,9 @@ def embedding_schema(dim: int, metadata: list[str]) -> pa.Schema:
     return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim)), *[(m, pa.float64()) for m in metadata]])
 
 
-def embed_shard(plan: RunPlan, shard_index: int) -> dict:
-    """embeddings/shard-N.parquet (rows in input order) + .failed.parquet, marker last."""
+def embed_shard(plan: RunPlan, shard_index: int) -> EmbedResult:
+    """embeddings/shard-N.parquet (rows in input order) + .failed.parquet."""
     layout, cfg = plan.layout, plan.config
-    done_url = layout.embeddings_done(shard_index)
-    if exists(done_url):
-        return read_json(done_url)
     started = time.perf_counter()
     shard = plan.sources[shard_index]
     meta = _meta_names(cfg)
@@ -329,19 +323,18 @@ def embed_shard(plan: RunPlan, shard_index: int) -> dict:
     with parquet_writer(layout.embeddings(shard_index), embedding_schema(embedder.dim, meta)) as writer:
         writer.write_table(pa.table(columns, schema=embedding_schema(embedder.dim, meta)))
     write_parquet(layout.embeddings_failed(shard_index), _failed_table(scan, todo, failures))
-    result = {
-        "shard": shard_index,
-        "n_items": scan.num_rows,
-        "n_embedded": len(rows),
-        "n_failed": scan.num_rows - todo.num_rows - len(dup_rows) + len(failures),
-        "n_exact": len(dup_rows),
-        "dim": embedder.dim,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if shard.modality == "text":  # longer than the model's limit: chunked, truncated or failed
-        result.update(n_long_texts=long_texts["n_long_texts"], long_text=cfg.long_text)
-    write_json(done_url, result)
-    return result
+    text = shard.modality == "text"  # longer than the model's limit: chunked, truncated or failed
+    return EmbedResult(
+        shard=shard_index,
+        n_items=scan.num_rows,
+        n_embedded=len(rows),
+        n_failed=scan.num_rows - todo.num_rows - len(dup_rows) + len(failures),
+        n_exact=len(dup_rows),
+        dim=embedder.dim,
+        seconds=round(time.perf_counter() - started, 3),
+        n_long_texts=long_texts["n_long_texts"] if text else None,
+        long_text=cfg.long_text if text else None,
+    )
 
 
 def _failed_table(scan: pa.Table, todo: pa.Table, failures: list[tuple[int, str]]) -> pa.Table:

@@ -28,20 +28,20 @@ from fsspec.utils import infer_compression
 
 from semdedup_core.inputs.datasets import RawShard, compressed_writer, jsonl_lines, split_key
 from semdedup_core.run.plan import RunPlan
+from semdedup_core.run.stage_results import WrittenShard
 from semdedup_core.inputs.precomputed import InputError, _open_parquet, canonical_id_array, one_line
-from semdedup_core.storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes, write_json
+from semdedup_core.storage import atomic_open, exists, filesystem, parquet_writer, read_json, read_parquet, write_bytes
 
 KEPT, REMOVED, FAILED = "kept", "removed", "failed"
 
 
-def write_shard(plan: RunPlan, shard_index: int) -> dict:
-    """Write one input shard's kept (and/or removed) items; marker last, naming what was written."""
+def write_shard(plan: RunPlan, shard_index: int) -> WrittenShard:
+    """Write one input shard's kept (and/or removed) items; the result names what was written
+    (an earlier run may have written the other half)."""
     layout, cfg = plan.layout, plan.config
     wanted = {KEPT: cfg.write_dataset, REMOVED: cfg.write_removed}
     done_url = layout.written(shard_index)
     previous = read_json(done_url) if exists(done_url) else {}
-    if all(previous.get(k) for k, w in wanted.items() if w):
-        return previous
     targets = {k: (layout.dataset if k == KEPT else layout.removed_dataset) for k, w in wanted.items() if w}
     decide = _decider(plan)
     counts = {KEPT: 0, REMOVED: 0, FAILED: 0}
@@ -53,9 +53,7 @@ def write_shard(plan: RunPlan, shard_index: int) -> dict:
         s = plan.shards[shard_index]
         shard = RawShard(index=s.index, kind="parquet", url=s.url, modality="text", id_column=s.id_column)
         _write_parquet(plan, shard, targets, decide, counts)
-    result = {"shard": shard_index, **{k: bool(previous.get(k)) or w for k, w in wanted.items()}, "counts": counts}
-    write_json(done_url, result)
-    return result
+    return WrittenShard(shard=shard_index, **{k: bool(previous.get(k)) or w for k, w in wanted.items()}, counts=counts)
 
 
 def _decider(plan: RunPlan) -> Callable[[pa.Array], np.ndarray]:

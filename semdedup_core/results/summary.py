@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from semdedup_core.dedup.partitions import FAILED_SCHEMA
 from semdedup_core.run.plan import RunPlan, package_versions
+from semdedup_core.run.stage_results import PartitionIndex, RunSummary, SourceCounts, TuningResult, Written, WrittenShard
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
 from semdedup_core.dedup.tuning import target_miss_warning
@@ -43,8 +44,9 @@ _SPILL_SCHEMA = pa.schema(
 _SPILL_FLUSH_ROWS = 131072
 
 
-def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, float]) -> dict:
-    """Every input item ends in exactly one of kept / removed / failed; summary.json is written last.
+def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: dict[str, float]) -> RunSummary:
+    """Every input item ends in exactly one of kept / removed / failed (the DAG stores the
+    summary as summary.json, last).
 
     Two streaming passes, memory bounded by a bucket and a shard, never by the run:
     1. per bucket of clusters: kept ids out; each removed item's kept_id found by following
@@ -67,7 +69,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
     failed_per_shard += np.bincount(exact.failed.column("shard").to_numpy(), minlength=n_shards)
     write_parquet(layout.failed, failed)
 
-    partition_index = read_json(layout.partition_index)
+    partition_index = PartitionIndex.model_validate(read_json(layout.partition_index))
     exact_targets = pc.unique(exact.removed.column("dup_of").combine_chunks())
     target_kept: list[pa.Table] = []  # (id, kept_id) of the items exact copies point to
     kept_per_shard = np.zeros(n_shards, np.int64)
@@ -78,7 +80,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         spill = _Spill(spill_w, spill_groups)
         for bucket in range(plan.buckets):
             scores = read_parquet(layout.scores(bucket))
-            where = _bucket_rows(plan, partition_index["buckets"][bucket])
+            where = _bucket_rows(plan, partition_index.buckets[bucket])
             at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
             shard, row = where.column("shard").take(at), where.column("row").take(at)
             kept_mask = scores.column("kept")
@@ -128,7 +130,7 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         raise RuntimeError(f"accounting error: kept {n_kept} + removed {n_removed} + failed {n_failed} != input {plan.n_input}")
     input_per_shard = _input_per_shard(plan, n_shards)
     per_source = [
-        {"source": name, "input": int(i), "kept": int(k), "removed": int(r), "failed": int(f)}
+        SourceCounts(source=name, input=int(i), kept=int(k), removed=int(r), failed=int(f))
         for name, i, k, r, f in zip(names, input_per_shard, kept_per_shard, removed_per_shard, failed_per_shard)
     ]
     long_texts = _long_texts(plan)
@@ -147,20 +149,19 @@ def finalize(plan: RunPlan, eps: float, tuning: dict | None, timings: dict[str, 
         eps=eps,
         # Of the judged items (input minus failed; exact copies count as removed), as target_keep.
         kept_fraction=n_kept / (plan.n_input - n_failed) if plan.n_input > n_failed else None,
-        tuning=tuning["mode"] if tuning else None,
-        sampled_eps=tuning["sampled_eps"] if tuning else None,
-        predicted_kept_fraction=tuning["predicted_kept_fraction"] if tuning else None,
+        tuning=tuning.mode if tuning else None,
+        sampled_eps=tuning.sampled_eps if tuning else None,
+        predicted_kept_fraction=tuning.predicted_kept_fraction if tuning else None,
         clusters=plan.clusters,
         buckets=plan.buckets,
         per_source=per_source,
     )
     # Warnings travel in the summary: the CLI shows them, whoever else reads summary.json too.
-    summary["warnings"] = [w for w in (target_miss_warning(summary),) if w]
-    for warning in summary["warnings"]:
+    summary.warnings = [w for w in (target_miss_warning(summary),) if w]
+    for warning in summary.warnings:
         logger.warning(warning)
     top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
     write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
-    write_json(layout.summary, summary)
     return summary
 
 
@@ -314,22 +315,19 @@ class NoUsableItems(InputError):
     """Raw input in which no item could be embedded; every item is in result/failed.parquet."""
 
 
-def run_summary(plan: RunPlan, timings: dict[str, float], **counts) -> dict:
-    """summary.json: the run's counts and decisions (``counts``) beside what every summary
-    records about the run."""
-    return {
-        "output": plan.config.output,
-        "target_keep": plan.config.target_keep,
-        "kept_fraction": None,
-        "predicted_kept_fraction": None,
+def run_summary(plan: RunPlan, timings: dict[str, float], **counts) -> RunSummary:
+    """The run's counts and decisions (``counts``) beside what every summary records about the run."""
+    return RunSummary(
+        output=plan.config.output,
+        target_keep=plan.config.target_keep,
         **counts,
-        "keep": plan.config.keep,
-        "device": plan.device,
-        "input_format": plan.input_format,
-        "embedder": plan.embedder,
-        "stage_seconds": timings,
-        "versions": package_versions(),
-    }
+        keep=plan.config.keep,
+        device=plan.device,
+        input_format=plan.input_format,
+        embedder=plan.embedder,
+        stage_seconds=timings,
+        versions=package_versions(),
+    )
 
 
 def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
@@ -367,44 +365,43 @@ def refuse_if_nothing_usable(plan: RunPlan, timings: dict[str, float]) -> None:
         clusters=0,
         buckets=0,
         refused=message,
-        warnings=[],
     )
-    write_json(layout.summary, summary)
+    write_json(layout.summary, summary.model_dump(mode="json"))
     raise NoUsableItems(message)
 
 
-def record_written(plan: RunPlan, written: list[dict], seconds: float) -> dict:
+def record_written(plan: RunPlan, written: list[WrittenShard], seconds: float) -> RunSummary:
     """Add the dataset writers' counts and time to summary.json."""
-    summary = read_json(plan.layout.summary)
-    summary["stage_seconds"]["write"] = seconds
-    summary["written"] = {
-        "dataset": plan.layout.dataset("") if plan.config.write_dataset else None,
-        "removed": plan.layout.removed_dataset("") if plan.config.write_removed else None,
-        "counts": {k: sum(w["counts"][k] for w in written) for k in ("kept", "removed", "failed")},
-    }
-    write_json(plan.layout.summary, summary)
+    summary = RunSummary.model_validate(read_json(plan.layout.summary))
+    summary.stage_seconds["write"] = seconds
+    summary.written = Written(
+        dataset=plan.layout.dataset("") if plan.config.write_dataset else None,
+        removed=plan.layout.removed_dataset("") if plan.config.write_removed else None,
+        counts={k: sum(w.counts[k] for w in written) for k in ("kept", "removed", "failed")},
+    )
+    write_json(plan.layout.summary, summary.model_dump(mode="json"))
     return summary
 
 
-def render_report(plan: RunPlan, summary: dict, top: list[dict]) -> str:
+def render_report(plan: RunPlan, summary: RunSummary, top: list[dict]) -> str:
     """A self-contained page: the numbers, the stages, the most similar removed pairs."""
     layout = plan.layout
     stats = read_json(layout.clustering_stats)
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(summary[k]))}</td></tr>"
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(getattr(summary, k)))}</td></tr>"
         for k in (
             "n_input", "n_judged", "n_kept", "n_removed", "n_exact", "n_failed", "n_long_texts", "long_text", "eps", "target_keep", "tuning",
             "sampled_eps", "predicted_kept_fraction", "kept_fraction", "clusters", "keep", "device",
         )
     )
     # The files that lost the largest share of their items first.
-    worst = sorted(summary["per_source"], key=lambda r: -(r["removed"] + r["failed"]) / max(r["input"], 1))[:REPORT_TOP_SOURCES]
+    worst = sorted(summary.per_source, key=lambda r: -(r.removed + r.failed) / max(r.input, 1))[:REPORT_TOP_SOURCES]
     sources = "".join(
-        f"<tr><td>{html.escape(r['source'])}</td><td>{r['input']}</td><td>{r['kept']}</td><td>{r['removed']}</td><td>{r['failed']}</td>"
-        f"<td>{(r['removed'] + r['failed']) / max(r['input'], 1):.1%}</td></tr>"
+        f"<tr><td>{html.escape(r.source)}</td><td>{r.input}</td><td>{r.kept}</td><td>{r.removed}</td><td>{r.failed}</td>"
+        f"<td>{(r.removed + r.failed) / max(r.input, 1):.1%}</td></tr>"
         for r in worst
     )
-    stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary["stage_seconds"].items())
+    stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary.stage_seconds.items())
     pairs = "".join(
         f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['dup_of']))}</td><td>{r['max_sim']:.6f}</td><td>{r['cluster']}</td></tr>" for r in top
     )
@@ -425,7 +422,7 @@ predicted_kept_fraction). n_long_texts: texts longer than the model's limit, han
 <table><tr><th>removed</th><th>duplicate of</th><th>max_sim</th><th>cluster</th></tr>{pairs}</table>
 <p>Exact copies (identical content, removed before embedding) are listed in result/removed.parquet with reason "exact".
 Every removed row names the kept item its group resolves to (kept_id) and where it lives (source).</p>
-<h2>Per source</h2><p>{len(summary['per_source'])} input files; the {len(worst)} that lost the largest share of their items
+<h2>Per source</h2><p>{len(summary.per_source)} input files; the {len(worst)} that lost the largest share of their items
 (all of them in result/summary.json per_source):</p>
 <table><tr><th>source</th><th>input</th><th>kept</th><th>removed</th><th>failed</th><th>lost</th></tr>{sources}</table>
 </body></html>

@@ -469,25 +469,23 @@ def write_run_json(plan: RunPlan, restart: bool = False) -> None:
     )
 
 
-def record_stage(plan: RunPlan, stage: str, seconds: float) -> None:
-    """Mark a stage complete in run.json (called by the orchestrator, never by mapped units)."""
-    layout = plan.layout
-    state = read_json(layout.run_json)
-    state["stages"][stage] = {"status": "done", "seconds": round(seconds, 3), "at": _now()}
-    state["updated"] = _now()
-    write_json(layout.run_json, state)
-
-
 class StageClock:
-    """Wall time of each stage (waiting on mapped work included), recorded in run.json."""
+    """Wall time of each stage (waiting on mapped work included)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str, plan: RunPlan | None = None) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
-        if plan is not None:
-            record_stage(plan, name, self.seconds[name])
+
+    def record(self, plan: RunPlan) -> None:
+        """Every stage done, in run.json: one rewrite at the end of the run (the units'
+        markers are what resume reads)."""
+        state = read_json(plan.layout.run_json)
+        at = _now()
+        state["stages"].update({name: {"status": "done", "seconds": seconds, "at": at} for name, seconds in self.seconds.items()})
+        state["updated"] = at
+        write_json(plan.layout.run_json, state)
