@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from semdedup_core.config import ConfigError, RunConfig
+from flows.task_runners import RunnerChoice
 from semdedup_core.run.stage_results import RunSummary
 
 try:  # recent typer parses with its own copy of click
@@ -211,7 +212,10 @@ def run(
     write_removed: Annotated[bool, typer.Option("--write-removed", help="Write the removed items under OUTPUT/removed/.")] = False,
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Kernel tile size.")] = None,
     buckets: Annotated[Optional[int], typer.Option(help="Number of dedup tasks.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Tasks run at once.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Heavy tasks run at once on this machine (threads), or local Dask/Ray workers.")] = None,
+    threads_per_task: Annotated[Optional[int], typer.Option("--threads-per-task", help="torch/faiss threads per heavy task (default: OMP_NUM_THREADS, else cores / workers).")] = None,
+    task_runner: Annotated[str, typer.Option("--task-runner", help="Where tasks run: threads (this process) | dask | ray (a local cluster, or --address).")] = "threads",
+    address: Annotated[Optional[str], typer.Option("--address", help="An existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001) for --task-runner dask|ray.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run at --output and start over.")] = False,
     reuse_embeddings: Annotated[bool, typer.Option("--reuse-embeddings", help="Keep only the embeddings of an existing run at --output (same model and input) and redo the rest.")] = False,
@@ -256,15 +260,17 @@ def run(
             tile_size=tile_size,
             buckets=buckets,
             workers=workers,
+            threads_per_task=threads_per_task,
             device=device,
             on_existing="fresh" if fresh else ("reuse-embeddings" if reuse_embeddings else None),
             storage_block=storage_block,
         )
-        summary = execute(cfg, log, verbose)
+        runner = RunnerChoice(kind=task_runner, address=address)
+        summary = execute(cfg, log, verbose, runner)
     print_summary(summary, log, verbose)
 
 
-def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> RunSummary:
+def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerChoice | None = None) -> RunSummary:
     """A finished run's stored summary; else fail fast on a misconfiguration (before Prefect
     starts), then run the flow. Unless verbose, stderr goes to the log from here on."""
     _prepare_environment(verbose)
@@ -281,7 +287,10 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False) -> RunSummary:
         plan_run(cfg)
     from flows.dedup_flow import semdedup_flow
 
-    return semdedup_flow(config=cfg)
+    flow = semdedup_flow
+    if runner is not None and runner.kind != "threads":
+        flow = flow.with_options(task_runner=runner.build(cfg.workers))
+    return flow(config=cfg)
 
 
 def finished_summary(cfg: RunConfig) -> RunSummary | None:

@@ -99,7 +99,7 @@ def test_rerun_skips_every_embedded_shard(tars, tiny_clip, tmp_path):
     second = _run(cfg)
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "embeddings").glob("*")} == markers
     for key in ("n_input", "n_kept", "n_removed", "n_exact", "n_failed", "eps"):
-        assert second[key] == first[key], key
+        assert getattr(second, key) == getattr(first, key), key
 
 
 def test_cli_on_a_jsonl_corpus_writes_the_filtered_corpus(tiny_bert, tmp_path):
