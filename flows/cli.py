@@ -64,6 +64,8 @@ EXIT_REFUSED, EXIT_NO_USABLE_ITEMS, EXIT_FAILED = 2, 3, 1
 # Prefect gives its embedded API server 20 s to start, which a loaded machine misses.
 EPHEMERAL_STARTUP_TIMEOUT_S = "600"
 KEPT_LOGS = 50
+# Flow run tags name the run's output and first inputs (searchable in the UI), clipped.
+_MAX_TAG, _MAX_INPUT_TAGS = 200, 3
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -287,10 +289,47 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
         plan_run(cfg)
     from flows.dedup_flow import semdedup_flow
 
-    flow = semdedup_flow
-    if runner is not None and runner.kind != "threads":
-        flow = flow.with_options(task_runner=runner.build(cfg.workers))
-    return flow(config=cfg)
+    from prefect import tags
+
+    flow = semdedup_flow.with_options(on_running=[_print_ui_url])
+    labels = ["semdedup", f"output:{cfg.output}"[:_MAX_TAG], *(f"input:{url}"[:_MAX_TAG] for url in cfg.input[:_MAX_INPUT_TAGS])]
+    if runner is None or runner.kind == "threads":
+        with tags(*labels):
+            return flow(config=cfg)
+    if cfg.threads_per_task is None and runner.address is None:  # a local cluster: split the cores between its workers
+        cfg = cfg.model_copy(update={"threads_per_task": max(1, (os.cpu_count() or 1) // cfg.workers)})
+    with _api_for_workers(), tags(*labels, f"task-runner:{runner.kind}"):
+        return flow.with_options(task_runner=runner.build(cfg.workers))(config=cfg)
+
+
+def _print_ui_url(flow, flow_run, state) -> None:
+    """The flow run's page in the Prefect UI, when a server serves one (not the embedded one)."""
+    from prefect.utilities.urls import url_for
+
+    url = url_for(flow_run)
+    if url:
+        console.print(f"Prefect flow run: {url}", soft_wrap=True, markup=False, highlight=False)
+
+
+@contextmanager
+def _api_for_workers() -> Iterator[None]:
+    """Without PREFECT_API_URL, one embedded API server for the run that the flow and every
+    Dask/Ray worker report to (left to Prefect, each worker process would start its own)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by local worker processes
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
+        server.stop()
 
 
 def finished_summary(cfg: RunConfig) -> RunSummary | None:
