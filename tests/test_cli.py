@@ -1,4 +1,4 @@
-"""The ``semdedup`` command line as a real subprocess (DESIGN §6)."""
+"""The ``semdedup`` command line as a real subprocess."""
 
 from __future__ import annotations
 

@@ -86,7 +86,48 @@ def test_deployment_run_from_prefect_yaml_on_a_real_server(tmp_path):
         assert summary["n_input"] == data.n_items
         assert summary["n_kept"] + summary["n_removed"] + summary["n_failed"] == data.n_items
         assert summary["n_failed"] == data.n_broken and summary["n_removed"] > 0.9 * data.n_planted
+
+        _check_cli_run_observed_by_the_server(api, env, tmp_path, config["input"])
     finally:
         if worker is not None:
             _stop(worker)
         _stop(server)
+
+
+def _post(url: str, body: dict) -> list | dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)
+
+
+def _check_cli_run_observed_by_the_server(api: str, env: dict, tmp_path: Path, inputs: list[str]) -> None:
+    """`semdedup run` against the server: the terminal stays quiet and prints the run's UI URL;
+    the server holds the run's INFO logs, its tags and one artifact key per output."""
+    from flows.dedup_flow import artifact_key
+
+    output = tmp_path / "cli-run"
+    cli = subprocess.run(
+        [str(BIN / "semdedup"), "run", *inputs, "--output", str(output), "--eps", "0.05", "--buckets", "3"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "INFO" not in cli.stderr and "Task run" not in cli.stdout + cli.stderr  # Prefect's lines went to the server and the log file
+    urls = [line.split()[-1] for line in cli.stdout.splitlines() if line.startswith("Prefect flow run: ")]
+    assert len(urls) == 1 and urls[0].startswith(api.removesuffix("/api")), cli.stdout
+    run_id = urls[0].rstrip("/").rsplit("/", 1)[-1]
+
+    with urllib.request.urlopen(f"{api}/flow_runs/{run_id}") as r:
+        flow_run = json.load(r)
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert {"semdedup", f"output:{output}", f"input:{inputs[0]}"} <= set(flow_run["tags"])
+
+    logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    info = [entry["message"] for entry in logs if entry["level"] == 20]
+    assert any("items in" in m and "clusters scored" in m for m in info), info  # the dedup units' own lines
+    assert any(m.startswith("k-means") for m in info), info
+
+    for kind in ("summary", "dedup"):  # the summary, and the dedup stage's progress (3 buckets)
+        found = _post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key(str(output), kind)]}}})
+        assert [a["flow_run_id"] for a in found] == [run_id], (kind, found)
+    progress = _post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key(str(output), "dedup")]}}})[0]
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0

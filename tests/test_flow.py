@@ -1,4 +1,4 @@
-"""The Prefect flow under the real engine: the run layout of DESIGN §5, its schemas, the
+"""The Prefect flow under the real engine: the run layout of docs/architecture.md, its schemas, the
 semantics against an independent brute force, tuning, and resume."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Prefect flow on object storage: s3:// input and output on a real HTTP S3 endpoint
-(moto's server on 127.0.0.1) gives the run layout of DESIGN §5 in the bucket and exactly the
+(moto's server on 127.0.0.1) gives the run layout of docs/architecture.md in the bucket and exactly the
 decisions of the same run on local disk."""
 
 from __future__ import annotations

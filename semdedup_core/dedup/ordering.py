@@ -1,4 +1,4 @@
-"""Keep strategies: the order in which a cluster's items are judged (DESIGN §2.3).
+"""Keep strategies: the order in which a cluster's items are judged (docs/architecture.md §"What semdedup decides").
 
 Every function takes the items of ONE cluster in input order (shard order, then row
 order) and returns a permutation of ``range(n)``; the item placed first is never

@@ -1,4 +1,4 @@
-"""Where each artifact of a run lives (DESIGN §5). Every other module asks here for a URL."""
+"""Where each artifact of a run lives (docs/architecture.md §"Run layout"). Every other module asks here for a URL."""
 
 from __future__ import annotations
 
