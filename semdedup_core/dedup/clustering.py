@@ -156,9 +156,10 @@ def _fit_two_level(sample: np.ndarray, k: int, iterations: int, seed: int, use_g
     point may move to the fine centroids of its _REFINE_CELLS nearest cells. An iteration
     costs about n*(k1 + k/k1)*d instead of flat k-means' n*k*d.
 
-    Cells get at least one fine centroid each, never more than their distinct points (unless
-    the whole sample has fewer than k distinct points), and fine k-means starts from distinct
-    points of the cell, so no two centroids start equal. A cell with as many fine centroids as
+    Cells get at least one fine centroid each, never more than their distinct points (if the
+    whole sample has fewer than k distinct points, every distinct point becomes a centroid and
+    the rest repeat them), and fine k-means starts from distinct points of the cell, so no two
+    centroids start equal. A cell with as many fine centroids as
     distinct points takes those points as centroids. Deterministic for a seed: faiss is seeded,
     cells are trained in order, the initial points are drawn from a generator seeded by
     (seed, cell).
@@ -175,9 +176,10 @@ def _fit_two_level(sample: np.ndarray, k: int, iterations: int, seed: int, use_g
     sizes = np.array([len(m) for m in members])
     distinct = [_distinct_rows(sample[m]) for m in members]
     capacity = np.array([len(u) for u in distinct])
-    if capacity.sum() < k:  # fewer distinct points than clusters: some centroids must repeat
-        capacity = sizes
-    fine_counts = _fine_counts(sizes, capacity, k)
+    if capacity.sum() >= k:
+        fine_counts = _fine_counts(sizes, np.minimum(capacity, 1), capacity, k)
+    else:  # fewer distinct points than clusters: each is a centroid, some repeated
+        fine_counts = _fine_counts(sizes, capacity, sizes, k)
     first = np.concatenate([[0], np.cumsum(fine_counts)])
 
     # One assignment index for every cell (on the GPU when asked, as faiss's gpu flag builds it).
@@ -280,11 +282,11 @@ def _distinct_rows(x: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
-def _fine_counts(sizes: np.ndarray, capacity: np.ndarray, k: int) -> np.ndarray:
-    """Fine clusters per cell, summing to k: one per non-empty cell, then the rest one at a
-    time to the cell with the most points per fine cluster (Webster's divisor, size/(count+1/2)),
+def _fine_counts(sizes: np.ndarray, minimum: np.ndarray, capacity: np.ndarray, k: int) -> np.ndarray:
+    """Fine clusters per cell, summing to k: each cell's minimum, then the rest one at a time
+    to the cell with the most points per fine cluster (Webster's divisor, size/(count+1/2)),
     never above a cell's capacity. Ties go to the lower cell: deterministic."""
-    counts = (capacity > 0).astype(np.int64)
+    counts = minimum.astype(np.int64)
     heap = [(-sizes[c] / (counts[c] + 0.5), c) for c in np.flatnonzero(counts < capacity)]
     heapq.heapify(heap)
     for _ in range(k - int(counts.sum())):
