@@ -23,13 +23,14 @@ _RESCORE_PAIRS = 1024
 class KMeansFit:
     """A fitted spherical k-means.
 
-    objective/imbalance are per iteration of the level that produced the centroids: for flat,
-    faiss's own stats (sum over the sample of the inner product to the assigned centroid,
-    before that iteration's update); for two-level, the fine level's, summed over the coarse
-    cells, so both sum the same quantity over the whole sample (a two-level point only sees
-    the fine centroids of its own coarse cell). final_objective and labels come from the
-    returned centroids: flat assigns to the nearest of all k, two-level to the nearest of its
-    cell's. coarse_* are the first level's own faiss stats (two-level only).
+    objective and imbalance are per iteration, and always sum over the whole sample the inner
+    product of each point with the centroid it is assigned to in that iteration (before the
+    iteration's update), resp. give k * sum(cluster size^2) / n^2. Flat: faiss's own stats.
+    Two-level: the fine iterations (each point among the fine centroids of its own coarse
+    cell; the cells' faiss stats summed), then the refinement iterations (each point among
+    the fine centroids of its nearest coarse cells). final_objective and labels assign every
+    sample point with the returned centroids, in the same way as the method's last iteration
+    (flat: nearest of all k). coarse_* are the first level's own faiss stats (two-level only).
     """
 
     centroids: np.ndarray  # float32 (k, d), unit norm
@@ -74,6 +75,7 @@ def gpu_available() -> bool:
 
 
 def resolve_kmeans_method(method: str, k: int) -> str:
+    """'flat' or 'two-level': what kmeans_method (config) means for k clusters."""
     if method == "auto":
         return "two-level" if k >= KMEANS_TWO_LEVEL_MIN_CLUSTERS else "flat"
     if method not in ("flat", "two-level"):
@@ -131,6 +133,8 @@ def _fit_flat(sample: np.ndarray, k: int, iterations: int, seed: int, use_gpu: b
         sample_size=n,
         method="flat",
     )
+
+
 def _nearest(index: faiss.Index, centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(inner product, centroid) of each row's nearest centroid, through a faiss flat index."""
     index.reset()
@@ -159,10 +163,9 @@ def _fit_two_level(sample: np.ndarray, k: int, iterations: int, seed: int, use_g
     Cells get at least one fine centroid each, never more than their distinct points (if the
     whole sample has fewer than k distinct points, every distinct point becomes a centroid and
     the rest repeat them), and fine k-means starts from distinct points of the cell, so no two
-    centroids start equal. A cell with as many fine centroids as
-    distinct points takes those points as centroids. Deterministic for a seed: faiss is seeded,
-    cells are trained in order, the initial points are drawn from a generator seeded by
-    (seed, cell).
+    centroids start equal; a cell with as many fine centroids as distinct points takes those
+    points. Deterministic for a seed: faiss is seeded, cells are trained in order, initial
+    points are drawn from a generator seeded by (seed, cell), sums run in a fixed order.
     """
     n, d = sample.shape
     k1 = min(k, max(1, round(math.sqrt(k))))
