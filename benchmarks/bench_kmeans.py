@@ -7,12 +7,13 @@ iterations; their objective is then computed the same way for both: the sum over
 sample of the inner product of each point with its nearest centroid (exact faiss flat
 search over all k centroids). Flat at large k is not run when its estimated fit time
 (measured seconds per flat iteration at a smaller k, scaled by n*k, which is what one
-iteration costs) exceeds --flat-budget; the estimate is reported instead, and so is the
-two-level fit's own objective (each point to the nearest centroid it may be assigned to, a
-lower bound of the exact one), since the exact objective costs as much as one flat iteration.
+iteration costs) exceeds --flat-budget; the estimate is reported instead. Where n*k exceeds
+--exact-pairs the exact objective (as costly as one flat iteration) is replaced by the fit's
+own (each point to the nearest centroid it may be assigned to: a lower bound of the exact one).
 
     .venv/bin/python benchmarks/bench_kmeans.py                       # k = 1,000 / 10,000 / 50,000
     .venv/bin/python benchmarks/bench_kmeans.py --json benchmarks/results/kmeans.json
+    .venv/bin/python benchmarks/bench_kmeans.py --methods two-level --refine-iterations 0   # refinement's share
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import faiss
 import numpy as np
 from _common import ForeignLoad, machine_info, print_table, versions, write_json
 
+from semdedup_core.dedup import clustering
 from semdedup_core.dedup.clustering import fit_spherical_kmeans
 
 # (k, sample points per centroid, iterations): the product's defaults at k=1,000; fewer
@@ -78,16 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="data and k-means seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="faiss threads (default 1: on a shared 2-core machine, 2 OpenMP threads mostly wait on each other)")
     p.add_argument("--flat-budget", type=float, default=300.0, help="skip a flat fit estimated above this many seconds (default 300)")
+    p.add_argument("--exact-pairs", type=float, default=2e9, help="exact objective only up to this many point-centroid pairs, n*k (default 2e9)")
+    p.add_argument("--methods", nargs="+", default=["flat", "two-level"], choices=["flat", "two-level"], help="methods to fit (default both)")
+    p.add_argument("--refine-iterations", type=int, help="override two-level's refinement iterations (to measure their share)")
     p.add_argument("--json", help="write all numbers to this JSON file")
     args = p.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
+    if args.refine_iterations is not None:
+        clustering._REFINE_ITERATIONS = args.refine_iterations
 
     rows, results = [], []
     flat_seconds_per_point_centroid = None  # one flat iteration's wall time / (n * k)
     for k, per_centroid, iterations in CASES:
         n = k * per_centroid
         sample = mixture_sample(n, args.dim, args.seed)
-        for method in ("flat", "two-level"):
+        for method in args.methods:
             result = {"k": k, "n": n, "iterations": iterations, "method": method}
             estimate = None
             if method == "flat" and flat_seconds_per_point_centroid is not None:
@@ -100,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"  k={k} n={n} {method} ...", file=sys.stderr, flush=True)
             fit, wall, cpu, foreign = timed_fit(sample, k, iterations, args.seed, method)
-            flat_ran = any(r["k"] == k and r["method"] == "flat" and not r.get("skipped") for r in results + [result])
-            objective, evaluated = (exact_objective(sample, fit.centroids), "exact") if flat_ran else (fit.final_objective, "fit's own")
+            if n * k <= args.exact_pairs:
+                objective, evaluated = exact_objective(sample, fit.centroids), "exact"
+            else:
+                objective, evaluated = fit.final_objective, "fit's own"
             if method == "flat":
                 flat_seconds_per_point_centroid = wall / iterations / (n * k)
             result |= {

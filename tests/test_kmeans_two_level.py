@@ -16,6 +16,8 @@ from semdedup_core.dedup.clustering import fit_spherical_kmeans, resolve_kmeans_
 from semdedup_core.run.dag import run_pipeline
 
 from .conftest import RunResults, single_thread, unit_rows, write_embeddings
+from .test_cli import cli
+from .test_cli_errors import one_error_line
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -168,6 +170,14 @@ def test_auto_picks_two_level_from_the_threshold_on():
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="kmeans_method"):
         RunConfig.load(input=["x.parquet"], output="out", kmeans_method="hierarchical")
+
+
+def test_unknown_method_on_the_command_line_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMDEDUP_LOG_DIR", str(tmp_path / "logs"))
+    out = tmp_path / "out"
+    proc = cli(["run", "x.parquet", "--output", str(out), "--kmeans-method", "hierarchical"], tmp_path)
+    one_error_line(proc, 2, "kmeans_method", "two-level")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- a whole run
