@@ -168,7 +168,7 @@ def _fit_two_level(sample: np.ndarray, k: int, iterations: int, seed: int, use_g
     points are drawn from a generator seeded by (seed, cell), sums run in a fixed order.
     """
     n, d = sample.shape
-    k1 = min(k, max(1, round(math.sqrt(k))))
+    k1 = max(1, round(math.sqrt(k)))
     coarse = _kmeans(d, k1, n, iterations, seed, use_gpu, points_per_centroid=_COARSE_POINTS_PER_CENTROID)
     coarse.train(sample)
     coarse.index.reset()
