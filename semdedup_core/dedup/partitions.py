@@ -81,9 +81,8 @@ def fit_centroids(plan: RunPlan) -> FitResult:
     if len(sample) < plan.clusters:
         raise ConfigError(f"clusters={plan.clusters} but only {len(sample)} items of the k-means sample are valid; lower --clusters")
     use_gpu = plan.device.startswith("cuda") and gpu_available()
-    fit = fit_spherical_kmeans(sample, plan.clusters, cfg.kmeans_iterations, cfg.seed, use_gpu=use_gpu)
-    labels, _ = CentroidIndex(fit.centroids, device=plan.device).assign(sample)
-    estimated = np.bincount(labels, minlength=plan.clusters).astype(np.float64) * (plan.n_input / len(sample))
+    fit = fit_spherical_kmeans(sample, plan.clusters, cfg.kmeans_iterations, cfg.seed, use_gpu=use_gpu, method=cfg.kmeans_method)
+    estimated = np.bincount(fit.labels, minlength=plan.clusters).astype(np.float64) * (plan.n_input / len(sample))
     bucket_of = plan_buckets(estimated, plan.buckets)
     write_npy(layout.centroids, fit.centroids)
     write_npy(layout.bucket_of_cluster, bucket_of)
@@ -92,9 +91,8 @@ def fit_centroids(plan: RunPlan) -> FitResult:
         buckets=plan.buckets,
         sample_size=fit.sample_size,
         iterations=cfg.kmeans_iterations,
-        objective=fit.objective,
-        imbalance_factor=fit.imbalance,
         gpu=use_gpu,
+        **fit.stats(),
     )
 
 

@@ -45,10 +45,17 @@ class FitResult(StageResult):
     buckets: int
     sample_size: int
     iterations: int
+    method: str = "flat"  # or "two-level"
+    # Per iteration: the sample's summed inner product with its assigned centroid, and
+    # faiss's imbalance factor; then the same sum for the returned centroids.
     objective: list[float]
     imbalance_factor: list[float]
+    final_objective: float | None = None
     gpu: bool
-    method: str = "flat"
+    # Two-level only: the coarse level's k and its own per-iteration figures.
+    coarse_clusters: int | None = None
+    coarse_objective: list[float] | None = None
+    coarse_imbalance_factor: list[float] | None = None
 
 
 class ShardPartition(StageResult):
