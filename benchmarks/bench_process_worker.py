@@ -69,6 +69,20 @@ def _stop(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
+def _post(url: str, body: dict) -> list:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)
+
+
+def _dedup_task_times(api: str, output: str) -> dict:
+    """How long the run's dedup-bucket task runs were shown Running (what the UI displays)."""
+    flow_runs = [f for f in _post(f"{api}/flow_runs/filter", {}) if (f["parameters"].get("config") or {}).get("output") == output]
+    tasks = _post(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [f["id"] for f in flow_runs]}}, "limit": 200})
+    running = sorted(t["total_run_time"] for t in tasks if t["name"].startswith("dedup-bucket"))
+    return {"n": len(running), "running_s_sum": round(sum(running), 1), "running_s_max": round(max(running, default=0.0), 1)}
+
+
 def _kept(output: Path) -> set[str]:
     return set(pq.read_table(output / "result" / "kept.parquet").column("id").to_pylist())
 
@@ -92,7 +106,8 @@ def main() -> None:
         make_demo_embeddings(data, n_base=args.n - n_planted, n_planted=n_planted, dim=args.dim, topics=max(40, args.n // 1000), shards=args.shards)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(work / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    home = tempfile.mkdtemp(prefix="prefect-home-", dir=work)  # a fresh server database per invocation
+    env = dict(os.environ, PREFECT_HOME=home, PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONPATH=str(args.repo))
     prefect = str(BIN / "prefect")
     run = lambda *a, **kw: subprocess.run(list(a), env=env, cwd=args.repo, capture_output=True, text=True, **kw)  # noqa: E731
@@ -120,6 +135,8 @@ def main() -> None:
             summary = json.loads((output / "result" / "summary.json").read_text())
             results[how] = {"wall_s": round(time.perf_counter() - started, 1), "stage_seconds": summary["stage_seconds"], "n_kept": summary["n_kept"]}
         same = _kept(work / "run-cli") == _kept(work / "run-worker")
+        for how in results:
+            results[how]["dedup_tasks"] = _dedup_task_times(api, str(work / f"run-{how}"))
     finally:
         _stop(worker)
         _stop(server)
@@ -129,6 +146,10 @@ def main() -> None:
     for s in stages:
         a, b = results["cli"]["stage_seconds"][s], results["worker"]["stage_seconds"][s]
         print(f"{s:<10} {a:>8.1f} {b:>9.1f} {b / a if a else float('nan'):>10.2f}")
+    for how, r in results.items():
+        d = r["dedup_tasks"]
+        print(f"{how}: {d['n']} dedup-bucket task runs, shown Running {d['running_s_sum']} s in all (longest {d['running_s_max']} s) "
+              f"for a dedup stage of {r['stage_seconds'].get('dedup', 0):.1f} s wall")
     print(f"wall: cli {results['cli']['wall_s']} s, worker {results['worker']['wall_s']} s; same kept ids: {same}")
     if args.json:
         write_json(args.json, {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "results": results, "same_kept": same})
