@@ -269,16 +269,21 @@ def test_ray_decides_bit_for_bit_as_the_thread_runner(reference_precomputed, pre
 # ---------------------------------------------------------------- 4. the CLI
 
 
-def test_cli_on_a_local_dask_cluster_keeps_what_the_thread_runner_keeps(tmp_path):
+def test_cli_on_a_local_dask_cluster_keeps_what_the_thread_runner_keeps(tmp_path, monkeypatch):
     glob, n = make_data(tmp_path / "data")
     kept = {}
     for runner in ("threads", "dask"):
-        out = tmp_path / runner
+        out, logs = tmp_path / runner, tmp_path / f"logs-{runner}"
+        monkeypatch.setenv("SEMDEDUP_LOG_DIR", str(logs))
         proc = cli(["run", glob, "--output", str(out), "--eps", "0.05", "--buckets", "4", "--task-runner", runner, "--workers", "2"], tmp_path)
         assert proc.returncode == 0, (runner, proc.stdout, proc.stderr[-3000:])
+        assert proc.stderr == "", proc.stderr
         results = RunResults(out)
         assert results.summary["n_input"] == n
         kept[runner] = results.decisions()["kept"]
+        # Every log line and event of the run reached the API server before it stopped.
+        (log,) = logs.glob("semdedup-*.log")
+        assert "Error logging to API" not in log.read_text(errors="replace")
     assert kept["dask"] == kept["threads"] and 0 < len(kept["threads"]) < n
 
 
