@@ -332,7 +332,7 @@ def _api_for_workers() -> Iterator[None]:
     finally:
         del os.environ["PREFECT_API_URL"]
         # Logs and events still queued go out before the server stops; left queued, Prefect
-        # retries sending them to the stopped server at exit, for minutes.
+        # retries sending them to the stopped server at exit (the process lingered ~75 s).
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
