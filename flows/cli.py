@@ -63,6 +63,8 @@ console = Console()
 EXIT_REFUSED, EXIT_NO_USABLE_ITEMS, EXIT_FAILED = 2, 3, 1
 # Prefect gives its embedded API server 20 s to start, which a loaded machine misses.
 EPHEMERAL_STARTUP_TIMEOUT_S = "600"
+# How long the run's last logs and events may take to reach the embedded server (a guard).
+PREFECT_DRAIN_TIMEOUT_S = 60
 KEPT_LOGS = 50
 # Flow run tags name the run's output and first inputs (searchable in the UI), clipped.
 _MAX_TAG, _MAX_INPUT_TAGS = 200, 3
@@ -331,6 +333,13 @@ def _api_for_workers() -> Iterator[None]:
             yield
     finally:
         del os.environ["PREFECT_API_URL"]
+        # Logs and events still queued go out before the server stops; left queued, Prefect
+        # retries sending them to the stopped server at exit (the process lingered ~75 s).
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=PREFECT_DRAIN_TIMEOUT_S)
+        EventsWorker.drain_all(timeout=PREFECT_DRAIN_TIMEOUT_S)
         server.stop()
 
 
