@@ -55,4 +55,4 @@ class RunnerChoice(BaseModel):
 
         if self.address:
             return RayTaskRunner(address=self.address)
-        return RayTaskRunner(init_kwargs={"num_cpus": workers})
+        return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False})
