@@ -5,7 +5,7 @@ This starts a real ``prefect server``, a process work pool and worker, deploys
 ``infra/prefect.yaml`` from ``--repo``, generates one embeddings dataset, and runs it twice
 against that server, one after the other, into separate outputs:
 
-(a) ``cli``     ``semdedup run DATA --output A --workers W --eps E``
+(a) ``cli``     ``semdedup run DATA --output A --workers W --buckets B --eps E``
 (b) ``worker``  ``prefect deployment run semdedup/semdedup --param config=...`` (same config)
 
 It prints each run's stage seconds (summary.json) and the ratio worker / cli per stage,
@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--buckets", type=int, default=16, help="dedup tasks (default 16: more tasks than workers)")
     p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent, help="checkout whose code runs (default: this one)")
     p.add_argument("--workdir", type=Path, help="data and outputs (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -127,9 +128,10 @@ def main() -> None:
             output = work / f"run-{how}"
             started = time.perf_counter()
             if how == "cli":
-                done = run(str(BIN / "semdedup"), "run", *inputs, "--output", str(output), "--eps", str(args.eps), "--workers", str(args.workers), "--fresh")
+                done = run(str(BIN / "semdedup"), "run", *inputs, "--output", str(output), "--eps", str(args.eps), "--workers", str(args.workers),
+                           "--buckets", str(args.buckets), "--fresh")
             else:
-                config = {"input": inputs, "output": str(output), "eps": args.eps, "workers": args.workers, "on_existing": "fresh"}
+                config = {"input": inputs, "output": str(output), "eps": args.eps, "workers": args.workers, "buckets": args.buckets, "on_existing": "fresh"}
                 done = run(prefect, "deployment", "run", "semdedup/semdedup", "--param", f"config={json.dumps(config)}", "--watch")
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             summary = json.loads((output / "result" / "summary.json").read_text())
