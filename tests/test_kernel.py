@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from semdedup_core.dedup.kernel import cluster_max_sim, first_copy_mask, removed_mask, screening_band
 from semdedup_core.dedup.ordering import cluster_order, easy_order, hard_order
@@ -171,3 +173,25 @@ def test_cuda_gives_the_same_result_as_cpu():
     gpu = cluster_max_sim(y, tile_size=512, device="cuda")
     np.testing.assert_array_equal(gpu.max_sim, cpu.max_sim)
     np.testing.assert_array_equal(gpu.dup_of, cpu.dup_of)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 120), first=st.integers(0, 120), tile=st.integers(1, 50), copies=st.integers(0, 20), seed=st.integers(0, 2**16))
+def test_rows_before_first_query_are_keys_only_and_the_rest_is_unchanged(n, first, tile, copies, seed):
+    """A collection's generation judges only its new rows against every earlier row: for
+    each row from first_query on, the same max_sim and dup_of as the whole cluster, bit for
+    bit, whatever the tiling; earlier rows are left unjudged."""
+    first = min(first, n)
+    rng = np.random.default_rng(seed)
+    y = planted_cluster(rng, n, 12)
+    if copies and n > 1:  # exact copies across the boundary too
+        y[rng.integers(0, n, copies)] = y[rng.integers(0, n, copies)]
+    whole = cluster_max_sim(y, tile_size=tile)
+    part = cluster_max_sim(y, tile_size=tile, first_query=first)
+    np.testing.assert_array_equal(part.max_sim[first:], whole.max_sim[first:])
+    np.testing.assert_array_equal(part.dup_of[first:], whole.dup_of[first:])
+    assert np.isnan(part.max_sim[:first]).all() and (part.dup_of[:first] == -1).all()
+    sims, dups = brute_force(y)
+    np.testing.assert_array_equal(part.max_sim[max(first, 1):], sims[max(first, 1):])
+    with pytest.raises(ValueError):
+        cluster_max_sim(y, first_query=n + 1)

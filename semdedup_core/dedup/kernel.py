@@ -139,10 +139,14 @@ def cluster_max_sim(
     y: np.ndarray | torch.Tensor,
     tile_size: int = 2048,
     device: str | torch.device = "cpu",
+    first_query: int = 0,
 ) -> ClusterScores:
     """max_sim / dup_of of every row of an ordered cluster against all earlier rows.
 
     ``y`` must already be in keep order (see :mod:`semdedup_core.dedup.ordering`) and unit norm.
+    Rows before ``first_query`` are only keys (already judged: an earlier generation of a
+    collection): their own max_sim stays NaN and costs nothing. Each row's result does not
+    depend on ``first_query``, as it does not on the tiling.
     """
     if tile_size < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
@@ -152,7 +156,9 @@ def cluster_max_sim(
     n, dim = y_np.shape
     max_sim = np.full(n, np.nan, dtype=np.float32)
     dup_of = np.full(n, -1, dtype=np.int64)
-    if n <= 1:
+    if not 0 <= first_query <= n:
+        raise ValueError(f"first_query must be in [0, {n}], got {first_query}")
+    if n <= 1 or first_query == n:
         return ClusterScores(max_sim, dup_of)
 
     dev = torch.device(device) if isinstance(device, str) else device
@@ -163,26 +169,27 @@ def cluster_max_sim(
     band = screening_band(dim)
     neg_inf = float("-inf")
     t = tile_size
-    tile_has_copies = [bool(is_copy[k0 : k0 + t].any()) for k0 in range(0, n, t)]
+    copies_before = np.concatenate([[0], np.cumsum(is_copy)])
     tile_buf = torch.empty((t, t), dtype=torch.float32, device=dev)
     # upper[r, c] is True where key c is not before query r inside a diagonal tile.
     upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
 
     with ieee_fp32_matmul():
-        for q0 in range(0, n, t):
+        for q0 in range(first_query, n, t):
             q1 = min(q0 + t, n)
             rq = q1 - q0
             queries = yt[q0:q1]
             # Running fp32 (screening) max per row; candidates within 2*band of it.
             run_max = torch.full((rq,), neg_inf, dtype=torch.float32, device=dev)
             cand_rows, cand_cols, cand_sims = [], [], []
-            for k0 in range(0, q1, t):
-                k1 = min(k0 + t, q1)
+            # Key tiles before the query tile, then the diagonal tile (the query tile itself).
+            for k0 in [*range(0, q0, t), q0]:
+                k1 = min(k0 + t, q0) if k0 < q0 else q1
                 sims = tile_buf[:rq, : k1 - k0]
                 torch.mm(queries, yt[k0:k1].T, out=sims)
-                if k1 > q0:  # the diagonal tile: keys must come strictly before the query
+                if k0 == q0:  # the diagonal tile: keys must come strictly before the query
                     sims.masked_fill_(upper[:rq, : k1 - k0], neg_inf)
-                if tile_has_copies[k0 // t]:
+                if copies_before[k1] > copies_before[k0]:
                     sims.masked_fill_(copy_cols[k0:k1].unsqueeze(0), neg_inf)
                 tile_max = sims.amax(dim=1)
                 active = (tile_max > neg_inf) & (tile_max >= run_max - 2 * band)
