@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from semdedup_core.config import RunConfig
 from semdedup_core.run.dag import DEDUP, EMBED, R, Step, run_dag
-from semdedup_core.run.plan import RunPlan
+from semdedup_core.run.plan import PlanRef, RunPlan, store_plan
 from semdedup_core.run.stage_results import RunSummary
 from tasks.stages import TASKS, plan_run_task, storage_credentials
 
@@ -48,15 +48,22 @@ class PrefectExecutor:
     def __init__(self, config: RunConfig):
         runner = FlowRunContext.get().task_runner
         self.window = config.workers if isinstance(runner, ThreadPoolTaskRunner) else None
+        self._stored: tuple[RunPlan, PlanRef] | None = None
 
     def plan(self, cfg: RunConfig) -> RunPlan:
         return plan_run_task(cfg)
 
+    def _ref(self, plan: RunPlan) -> PlanRef:
+        """Tasks get the plan by reference, stored once per version of the plan."""
+        if self._stored is None or self._stored[0] is not plan:
+            self._stored = (plan, store_plan(plan))
+        return self._stored[1]
+
     def run(self, step: Step[R], plan: RunPlan, **inputs: Any) -> R:
-        return TASKS[step.name].submit(plan, **inputs).result()
+        return TASKS[step.name].submit(self._ref(plan), **inputs).result()
 
     def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
-        task, per_unit = TASKS[step.name], per_unit or {}
+        task, per_unit, ref = TASKS[step.name], per_unit or {}, self._ref(plan)
         progress = _Progress(plan, step, len(units)) if step.name in _PROGRESS and len(units) > 1 else None
         results: list[Any] = [None] * len(units)
         position: dict[PrefectFuture, int] = {}
@@ -64,7 +71,7 @@ class PrefectExecutor:
         while waiting or position:
             while waiting and (self.window is None or len(position) < self.window):
                 i = waiting.pop()
-                position[task.submit(plan, units[i], **{k: v[i] for k, v in per_unit.items()}, **inputs)] = i
+                position[task.submit(ref, units[i], **{k: v[i] for k, v in per_unit.items()}, **inputs)] = i
             done = next(as_completed(list(position)))
             results[position.pop(done)] = done.result()
             if progress is not None:
@@ -88,7 +95,7 @@ class _Progress:
 @flow(name="semdedup", log_prints=False, validate_parameters=True)
 def semdedup_flow(config: RunConfig) -> RunSummary:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
-    with storage_credentials(config):
+    with storage_credentials(config.storage_block):
         summary = run_dag(config, PrefectExecutor(config))
     _summary_artifacts(summary)
     return summary

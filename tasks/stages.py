@@ -1,8 +1,9 @@
 """Prefect tasks: one per step of the DAG (semdedup_core.run.dag), each a thin call of run_step.
 
-A task carries everything it needs in its arguments (the plan holds the config: thread
-counts, device, the storage block's name), so it runs the same in the flow's process, on a
-thread, a Dask worker or a Ray worker. Credentials are loaded from the Prefect Secret block
+A task carries everything it needs in its arguments: a reference to the run plan stored in
+the run (the plan holds the config: thread counts, device; the reference names the storage
+block), so it runs the same in the flow's process, on a thread, a Dask worker or a Ray
+worker, and its arguments stay small however many files the input has. Credentials are loaded from the Prefect Secret block
 inside the task, never passed as a parameter or returned. Caching is off because resume is
 the DAG's job: run_step skips a unit whose completion marker exists.
 """
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
-from semdedup_core.run.plan import RunPlan, plan_run
+from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
     EmbedResult,
@@ -53,13 +54,13 @@ _retrying = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unl
 
 
 @contextmanager
-def storage_credentials(config: RunConfig) -> Iterator[None]:
+def storage_credentials(block: str | None) -> Iterator[None]:
     """The S3 options of the named Prefect Secret block for everything run in this context
     (never logged, never a parameter): the flow's own steps and each task, wherever it runs."""
-    if config.storage_block is None:
+    if block is None:
         yield
         return
-    with s3_options(_block_options(config.storage_block)):
+    with s3_options(_block_options(block)):
         yield
 
 
@@ -81,9 +82,9 @@ def _block_options(name: str) -> dict:
     return options
 
 
-def _unit(step: Step, plan: RunPlan, unit: int | None = None, **inputs: Any):
-    with storage_credentials(plan.config):
-        result = run_step(step, plan, unit, **inputs)
+def _unit(step: Step, plan: PlanRef, unit: int | None = None, **inputs: Any):
+    with storage_credentials(plan.storage_block):
+        result = run_step(step, load_plan(plan), unit, **inputs)
     get_run_logger().info(step.describe(result))
     return result
 
@@ -91,7 +92,7 @@ def _unit(step: Step, plan: RunPlan, unit: int | None = None, **inputs: Any):
 @task(name="plan-run", **_common)
 def plan_run_task(config: RunConfig) -> RunPlan:
     """Validate inputs and configuration before any work (nothing is written)."""
-    with storage_credentials(config):
+    with storage_credentials(config.storage_block):
         plan = plan_run(config)
     get_run_logger().info(
         "%d items in %d shards, dim %d, k=%d, %d buckets, device %s", plan.n_input, len(plan.shards or plan.sources), plan.dim, plan.clusters, plan.buckets, plan.device
@@ -100,62 +101,62 @@ def plan_run_task(config: RunConfig) -> RunPlan:
 
 
 @task(name=SCAN.name, task_run_name="scan-shard-{shard}", **_retrying)
-def scan_shard_task(plan: RunPlan, shard: int) -> ScanResult:
+def scan_shard_task(plan: PlanRef, shard: int) -> ScanResult:
     return _unit(SCAN, plan, shard)
 
 
 @task(name=EXACT.name, **_retrying)
-def resolve_exact_task(plan: RunPlan) -> ExactResult:
+def resolve_exact_task(plan: PlanRef) -> ExactResult:
     return _unit(EXACT, plan)
 
 
 @task(name=EMBED.name, task_run_name="embed-shard-{shard}", **_retrying)
-def embed_shard_task(plan: RunPlan, shard: int) -> EmbedResult:
+def embed_shard_task(plan: PlanRef, shard: int) -> EmbedResult:
     return _unit(EMBED, plan, shard)
 
 
 @task(name=FIT.name, **_retrying)
-def fit_centroids_task(plan: RunPlan) -> FitResult:
+def fit_centroids_task(plan: PlanRef) -> FitResult:
     return _unit(FIT, plan)
 
 
 @task(name=ASSIGN.name, task_run_name="assign-shard-{shard}", **_retrying)
-def assign_shard_task(plan: RunPlan, shard: int) -> ShardPartition:
+def assign_shard_task(plan: PlanRef, shard: int) -> ShardPartition:
     return _unit(ASSIGN, plan, shard)
 
 
 @task(name=COLLECT.name, **_retrying)
-def collect_partitions_task(plan: RunPlan) -> PartitionIndex:
+def collect_partitions_task(plan: PlanRef) -> PartitionIndex:
     return _unit(COLLECT, plan)
 
 
 @task(name=TUNE.name, **_retrying)
-def tune_eps_task(plan: RunPlan, partition_index: PartitionIndex) -> TuningResult:
+def tune_eps_task(plan: PlanRef, partition_index: PartitionIndex) -> TuningResult:
     return _unit(TUNE, plan, partition_index=partition_index)
 
 
 @task(name=DEDUP.name, task_run_name="dedup-bucket-{bucket}", **_retrying)
-def dedup_bucket_task(plan: RunPlan, bucket: int, entries: list, eps: float | None) -> BucketScores:
+def dedup_bucket_task(plan: PlanRef, bucket: int, entries: list, eps: float | None) -> BucketScores:
     return _unit(DEDUP, plan, bucket, entries=entries, eps=eps)
 
 
 @task(name=THRESHOLD.name, **_retrying)
-def exact_eps_task(plan: RunPlan, partition_index: PartitionIndex, sampled: TuningResult) -> TuningResult:
+def exact_eps_task(plan: PlanRef, partition_index: PartitionIndex, sampled: TuningResult) -> TuningResult:
     return _unit(THRESHOLD, plan, partition_index=partition_index, sampled=sampled)
 
 
 @task(name=APPLY.name, task_run_name="apply-threshold-{bucket}", **_retrying)
-def apply_threshold_task(plan: RunPlan, bucket: int, eps: float) -> BucketScores:
+def apply_threshold_task(plan: PlanRef, bucket: int, eps: float) -> BucketScores:
     return _unit(APPLY, plan, bucket, eps=eps)
 
 
 @task(name=FINALIZE.name, **_retrying)
-def finalize_task(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: dict[str, float]) -> RunSummary:
+def finalize_task(plan: PlanRef, eps: float, tuning: TuningResult | None, timings: dict[str, float]) -> RunSummary:
     return _unit(FINALIZE, plan, eps=eps, tuning=tuning, timings=timings)
 
 
 @task(name=WRITE.name, task_run_name="write-shard-{shard}", **_retrying)
-def write_shard_task(plan: RunPlan, shard: int) -> WrittenShard:
+def write_shard_task(plan: PlanRef, shard: int) -> WrittenShard:
     return _unit(WRITE, plan, shard)
 
 

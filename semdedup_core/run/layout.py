@@ -14,6 +14,7 @@ _BUCKET = r"bucket-\d{5,}"
 # named after the input files, so those two folders are matched against the run's inputs.
 _ARTIFACTS = {
     "": re.compile(r"run\.json|lease\.json"),
+    "plans": re.compile(r"[0-9a-f]{32}\.json"),
     "scan": re.compile(rf"{_SHARD}\.(?:parquet|json)"),
     "exact": re.compile(r"duplicates\.parquet|index\.json"),
     "embeddings": re.compile(rf"{_SHARD}(?:\.failed)?\.parquet|{_SHARD}\.json"),
@@ -61,6 +62,10 @@ class RunLayout:
     @property
     def run_json(self) -> str:
         return self._at("run.json")
+
+    def plan(self, digest: str) -> str:
+        """The run plan with this content digest, which tasks load instead of carrying it."""
+        return self._at("plans", f"{digest}.json")
 
     @property
     def lease(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import functools
 import importlib.metadata
 import math
 import os
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.run.layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
@@ -28,9 +29,11 @@ from semdedup_core.storage import (
     fingerprints,
     has_buckets,
     path_kind,
+    read_bytes,
     read_json,
     uses_temp_files,
     with_retries,
+    write_bytes,
     write_json,
 )
 
@@ -69,6 +72,33 @@ class RunPlan(BaseModel):
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.config.output)
+
+
+class PlanRef(BaseModel):
+    """A stored run plan, by content: what tasks receive instead of the plan itself, whose
+    shard lists grow with the input (an image folder's plan names every file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output: str
+    digest: str
+    storage_block: str | None = None  # where the credentials to read it come from
+
+
+def store_plan(plan: RunPlan) -> PlanRef:
+    """Write the plan once under plans/ (content-addressed) and return its reference."""
+    text = plan.model_dump_json()
+    ref = PlanRef(output=plan.config.output, digest=digest([text]), storage_block=plan.config.storage_block)
+    url = plan.layout.plan(ref.digest)
+    if not exists(url):
+        write_bytes(url, text.encode())
+    return ref
+
+
+@functools.lru_cache(maxsize=8)
+def load_plan(ref: PlanRef) -> RunPlan:
+    """The plan a reference names, read once per process (its digest pins its content)."""
+    return RunPlan.model_validate_json(read_bytes(RunLayout(ref.output).plan(ref.digest)))
 
 
 def package_versions() -> dict[str, str]:
