@@ -353,3 +353,19 @@ def test_target_keep_run_tunes_eps(prefect_harness, dataset, tmp_path):
     assert "tune" in json.loads((out / "run.json").read_text())["stages"]
     # the tuned eps is applied exactly like a given one
     brute_force_check(read_scores(out), dataset, stored["eps"])
+
+
+def test_tasks_get_the_plan_by_reference_stored_once_in_the_run(eps_run, dataset):
+    """Units receive a PlanRef (output + digest), never the plan itself: the plan is stored
+    once per version under plans/, content-addressed, and loads back as the run's plan."""
+    from semdedup_core.run.plan import PlanRef, RunPlan, load_plan
+    from semdedup_core.storage import digest
+
+    out, summary = eps_run
+    stored = sorted((out / "plans").glob("*.json"))
+    assert len(stored) == 1  # precomputed input: one version of the plan (raw inputs: two)
+    plan = RunPlan.model_validate_json(stored[0].read_bytes())
+    assert plan.config.output == str(out) and plan.n_input == summary.n_input == len(dataset["ids"])
+    assert digest([plan.model_dump_json()]) == stored[0].stem  # named by its content
+    ref = PlanRef(output=str(out), digest=stored[0].stem)
+    assert load_plan(ref) == plan
