@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from semdedup_core.config import RunConfig
+from semdedup_core.run.collection import NothingNew
 from semdedup_core.run.dag import DEDUP, EMBED, R, Step, run_dag
 from semdedup_core.run.plan import PlanRef, RunPlan, store_plan
 from semdedup_core.run.stage_results import RunSummary
@@ -51,7 +52,10 @@ class PrefectExecutor:
         self._stored: tuple[RunPlan, PlanRef] | None = None
 
     def plan(self, cfg: RunConfig) -> RunPlan:
-        return plan_run_task(cfg)
+        planned = plan_run_task(cfg)
+        if isinstance(planned, str):
+            raise NothingNew(planned)
+        return planned
 
     def _ref(self, plan: RunPlan) -> PlanRef:
         """Tasks get the plan by reference, stored once per version of the plan."""
@@ -97,7 +101,8 @@ def semdedup_flow(config: RunConfig) -> RunSummary:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
     with storage_credentials(config.storage_block):
         summary = run_dag(config, PrefectExecutor(config))
-    _summary_artifacts(summary)
+    if summary.note is None:
+        _summary_artifacts(summary)
     return summary
 
 

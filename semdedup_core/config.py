@@ -135,6 +135,20 @@ class RunConfig(BaseModel):
     storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding fsspec S3 options as JSON (key, secret, endpoint_url, ...). Default: the environment."
     )
+    collection: bool = Field(
+        False,
+        description="output is a curated collection: the first run is its base; each later run adds a generation that "
+        "deduplicates only the input objects not processed before, against what the collection already holds.",
+    )
+    against: Literal["kept", "all"] = Field(
+        "kept", description="Collection generations: judge new items against the earlier kept items (kept) or every earlier item (all)."
+    )
+    refit: bool = Field(
+        False, description="Collection: start a new base over the whole input (new centroids; earlier decisions may change). Never automatic."
+    )
+    changed_inputs: Literal["refuse", "skip"] = Field(
+        "refuse", description="Collection: an input object processed before that has changed since: refuse the run, or skip the object."
+    )
 
     @field_validator("input")
     @classmethod
@@ -175,6 +189,8 @@ class RunConfig(BaseModel):
             raise ValueError("precision fp16 needs CUDA; on CPU use bf16 or fp32")
         if self.tuning == "sample" and self.target_keep is None:
             raise ValueError("tuning='sample' is for target_keep; with eps there is nothing to tune")
+        if not self.collection and (self.against != "kept" or self.refit or self.changed_inputs != "refuse"):
+            raise ValueError("against, refit and changed_inputs are options of a collection (collection: true)")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
+from semdedup_core.run.collection import NothingNew
 from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
@@ -90,10 +91,15 @@ def _unit(step: Step, plan: PlanRef, unit: int | None = None, **inputs: Any):
 
 
 @task(name="plan-run", **_common)
-def plan_run_task(config: RunConfig) -> RunPlan:
-    """Validate inputs and configuration before any work (nothing is written)."""
+def plan_run_task(config: RunConfig) -> RunPlan | str:
+    """Validate inputs and configuration before any work (nothing is written). A collection
+    with nothing new gives the reason instead of a plan (not a failure)."""
     with storage_credentials(config.storage_block):
-        plan = plan_run(config)
+        try:
+            plan = plan_run(config)
+        except NothingNew as exc:
+            get_run_logger().info("%s", exc)
+            return str(exc)
     get_run_logger().info(
         "%d items in %d shards, dim %d, k=%d, %d buckets, device %s", plan.n_input, len(plan.shards or plan.sources), plan.dim, plan.clusters, plan.buckets, plan.device
     )

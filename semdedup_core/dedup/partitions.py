@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from semdedup_core.dedup.clustering import CentroidIndex, fit_spherical_kmeans, gpu_available, sample_rows
 from semdedup_core.config import ConfigError
-from semdedup_core.run.plan import RunPlan
+from semdedup_core.run.plan import RunPlan, load_plan
 from semdedup_core.run.stage_results import FitResult, PartitionIndex, ShardPartition
 from semdedup_core.inputs.precomputed import iter_batches, read_rows
 from semdedup_core.storage import atomic_open, parquet_writer, read_json, read_npy, read_parquet, read_range, write_npy, write_parquet
@@ -68,8 +68,14 @@ def plan_buckets(estimated_sizes: np.ndarray, n_buckets: int) -> np.ndarray:
 
 
 def fit_centroids(plan: RunPlan) -> FitResult:
-    """Seeded sample -> spherical k-means -> centroids.npy and the bucket plan."""
+    """Seeded sample -> spherical k-means -> centroids.npy and the bucket plan. A collection's
+    generation reuses its base's centroids and bucket plan instead."""
     layout, cfg = plan.layout, plan.config
+    if plan.earlier:
+        base = load_plan(plan.earlier[0])
+        write_npy(layout.centroids, read_npy(base.layout.centroids))
+        write_npy(layout.bucket_of_cluster, read_npy(base.layout.bucket_of_cluster))
+        return FitResult.model_validate(read_json(base.layout.clustering_stats))
     wanted = cfg.kmeans_points_per_centroid * plan.clusters
     per_shard = sample_rows([s.n_rows for s in plan.shards], wanted, cfg.seed)
     parts = []

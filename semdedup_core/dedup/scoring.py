@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +12,8 @@ import pyarrow.compute as pc
 from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask
 from semdedup_core.dedup.ordering import cluster_order
 from semdedup_core.dedup.partitions import BucketData, load_bucket
-from semdedup_core.run.plan import RunPlan
-from semdedup_core.run.stage_results import BucketScores
+from semdedup_core.run.plan import RunPlan, load_plan
+from semdedup_core.run.stage_results import BucketScores, PartitionIndex
 from semdedup_core.storage import exists, read_json, read_parquet, write_parquet
 
 SCORES_SCHEMA = pa.schema(
@@ -61,6 +62,88 @@ def iter_cluster_scores(plan: RunPlan, data: BucketData, scored: pa.Table | None
         yield int(cluster), int(lo), max_sim, np.where(dup_index >= 0, dup_index + lo, -1)
 
 
+EARLIER_SCHEMA = pa.schema([("id", pa.string()), ("kept_id", pa.string())])
+
+
+@dataclass
+class EarlierItems:
+    """A generation's bucket: the earlier items of its clusters (every earlier run since the
+    collection's base, in run order, each run's items in its own keep order), the ones the
+    new items are judged against (kept only, or all with against='all')."""
+
+    ids: pa.Array
+    kept_id: pa.Array  # the kept item each resolves to (itself when kept)
+    vectors: np.ndarray
+    rows: dict[int, np.ndarray]  # cluster -> rows of ids/vectors, in judging order
+
+    def referenced(self, rows: np.ndarray) -> pa.Table:
+        """(id, kept_id) of the earlier items at ``rows``, once each: what finalize needs to
+        resolve a new item removed as a copy of an earlier one."""
+        rows = np.unique(rows)
+        return pa.table({"id": self.ids.take(pa.array(rows)), "kept_id": self.kept_id.take(pa.array(rows))}, schema=EARLIER_SCHEMA)
+
+
+def load_earlier(plan: RunPlan, bucket: int, clusters: np.ndarray) -> EarlierItems:
+    """Every earlier run's items of ``clusters`` (the same bucket in every run: they share the
+    base's bucket plan), with their decisions."""
+    ids, kept_ids, vectors, cluster_of = [], [], [], []
+    for ref in plan.earlier:
+        run = load_plan(ref)
+        index = PartitionIndex.model_validate(read_json(run.layout.partition_index))
+        data = load_bucket(run, index.buckets[bucket], order_function(run), only_clusters=clusters)
+        scores = read_parquet(run.layout.scores(bucket), columns=["id", "cluster", "dup_of", "kept"])
+        scores = scores.filter(pc.is_in(scores.column("cluster"), value_set=pa.array(clusters.astype(np.int32))))
+        if not scores.column("id").combine_chunks().equals(data.ids):
+            raise RuntimeError(f"{run.layout.scores(bucket)} does not match its partitions; the collection's run {ref.output} is damaged")
+        ids.append(data.ids)
+        vectors.append(data.vectors)
+        cluster_of.append(data.cluster)
+        kept_ids.append(_resolve_kept(scores, ids, kept_ids))
+    all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    all_kept = pa.concat_arrays(kept_ids) if kept_ids else pa.array([], pa.string())
+    all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, plan.dim), np.float32)
+    all_clusters = np.concatenate(cluster_of) if cluster_of else np.zeros(0, np.int32)
+    judged = np.ones(len(all_ids), bool)
+    if plan.config.against == "kept":
+        judged = pc.equal(all_ids, all_kept).to_numpy(zero_copy_only=False)
+    rows = {int(c): np.flatnonzero((all_clusters == c) & judged) for c in clusters}  # run order, then keep order
+    return EarlierItems(all_ids, all_kept, all_vectors, rows)
+
+
+def _resolve_kept(scores: pa.Table, earlier_ids: list[pa.Array], earlier_kept: list[pa.Array]) -> pa.Array:
+    """kept_id of one earlier run's scored items: itself when kept, else its dup_of's, which
+    is in this run or an earlier one (loaded before it)."""
+    ids = scores.column("id").combine_chunks()
+    kept = scores.column("kept").to_numpy(zero_copy_only=False)
+    known_ids = pa.concat_arrays(earlier_ids[:-1]) if len(earlier_ids) > 1 else pa.array([], pa.string())
+    known_kept = pa.concat_arrays(earlier_kept) if earlier_kept else pa.array([], pa.string())
+    dup_of = scores.column("dup_of").combine_chunks()
+    out = ids.to_pylist()
+    position = {v: i for i, v in enumerate(out)}
+    before = dict(zip(known_ids.to_pylist(), known_kept.to_pylist()))
+    for i in np.flatnonzero(~kept):  # in keep order: a dup_of in this run is resolved before its copies
+        target = dup_of[i].as_py()
+        out[i] = out[position[target]] if target in position else before[target]
+    return pa.array(out, pa.string())
+
+
+def iter_against_earlier(plan: RunPlan, data: BucketData, earlier: EarlierItems) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Like iter_cluster_scores, for a generation: each cluster's earlier items come first and
+    are only keys; dup rows point into the bucket (< n) or into ``earlier`` (n + row)."""
+    n = len(data.cluster)
+    stops = np.r_[data.starts[1:], n]
+    for cluster, lo, hi in zip(data.clusters, data.starts, stops):
+        keys = earlier.rows[int(cluster)]
+        y = np.concatenate([earlier.vectors[keys], data.vectors[lo:hi]]) if len(keys) else data.vectors[lo:hi]
+        scores = cluster_max_sim(y, tile_size=plan.config.tile_size, device=plan.device, first_query=len(keys))
+        local = scores.dup_of[len(keys) :]
+        to_new, to_earlier = local >= len(keys), (local >= 0) & (local < len(keys))
+        dups = np.full(len(local), -1, np.int64)
+        dups[to_new] = local[to_new] - len(keys) + lo
+        dups[to_earlier] = n + keys[local[to_earlier]]
+        yield int(cluster), int(lo), scores.max_sim[len(keys) :], dups
+
+
 def _scored_clusters(scored: pa.Table | None) -> dict[int, pa.Table]:
     if scored is None or scored.num_rows == 0:
         return {}
@@ -81,11 +164,20 @@ def score_bucket(plan: RunPlan, bucket: int, entries: list, eps: float | None) -
     n = len(data.cluster)
     max_sim = np.full(n, np.nan, dtype=np.float32)
     dup_rows = np.full(n, -1, dtype=np.int64)
-    for _, lo, sims, dups in iter_cluster_scores(plan, data, _tuning_sample(plan, bucket)):
-        max_sim[lo : lo + len(sims)] = sims
-        dup_rows[lo : lo + len(dups)] = dups
+    if plan.earlier:  # a collection's generation: earlier items first in every cluster
+        earlier = load_earlier(plan, bucket, data.clusters)
+        candidates = pa.concat_arrays([data.ids, earlier.ids])  # dup rows >= n are earlier items
+        for _, lo, sims, dups in iter_against_earlier(plan, data, earlier):
+            max_sim[lo : lo + len(sims)] = sims
+            dup_rows[lo : lo + len(dups)] = dups
+        write_parquet(layout.scores_earlier(bucket), earlier.referenced(dup_rows[dup_rows >= n] - n))
+    else:
+        candidates = data.ids
+        for _, lo, sims, dups in iter_cluster_scores(plan, data, _tuning_sample(plan, bucket)):
+            max_sim[lo : lo + len(sims)] = sims
+            dup_rows[lo : lo + len(dups)] = dups
     has_dup = dup_rows >= 0
-    dup_ids = data.ids.take(pa.array(np.where(has_dup, dup_rows, 0)))
+    dup_ids = candidates.take(pa.array(np.where(has_dup, dup_rows, 0)))
     dup_of = pc.if_else(pa.array(has_dup), dup_ids, pa.scalar(None, pa.string()))
     table = pa.table(
         {

@@ -368,6 +368,9 @@ def plan_embedded(plan: RunPlan) -> RunPlan:
         Shard(index=s.index, kind="parquet", url=layout.embeddings(s.index), n_rows=m["n_embedded"], dim=dim, id_column="id", embedding_column="embedding")
         for s, m in zip(plan.sources, markers)
     ]
-    clusters = cfg.clusters_for(n_embedded)
-    buckets = min(clusters, cfg.buckets if cfg.buckets is not None else default_buckets(n_embedded, dim, clusters))
+    if plan.earlier:  # a collection's generation: the base's k and bucket plan
+        clusters, buckets = plan.clusters, plan.buckets
+    else:
+        clusters = cfg.clusters_for(n_embedded)
+        buckets = min(clusters, cfg.buckets if cfg.buckets is not None else default_buckets(n_embedded, dim, clusters))
     return plan.model_copy(update={"shards": shards, "n_input": sum(m["n_items"] for m in markers), "dim": dim, "clusters": clusters, "buckets": buckets})

@@ -84,7 +84,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
             shard, row = where.column("shard").take(at), where.column("row").take(at)
             kept_mask = scores.column("kept")
-            kept_id = _kept_ids(scores)
+            kept_id = _kept_ids(scores, read_parquet(layout.scores_earlier(bucket)) if plan.earlier else None)
             kept_w.write_table(scores.filter(kept_mask).select(["id"]).cast(KEPT_SCHEMA))
             kept_per_shard += np.bincount(shard.filter(kept_mask).to_numpy(), minlength=n_shards)
             target_kept.append(pa.table({"id": scores.column("id"), "kept_id": kept_id}).filter(pc.is_in(scores.column("id"), value_set=exact_targets)))
@@ -203,17 +203,22 @@ def _bucket_rows(plan: RunPlan, entries: list) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _kept_ids(scores: pa.Table) -> pa.Array:
+def _kept_ids(scores: pa.Table, earlier: pa.Table | None = None) -> pa.Array:
     """For every scored item, the kept item its group resolves to (itself when kept): dup_of
-    followed until a kept item, by pointer jumping (log of the chain length in steps)."""
+    followed until a kept item, by pointer jumping (log of the chain length in steps). In a
+    collection's generation a dup_of may be an earlier item (``earlier``: id -> kept_id)."""
     ids = scores.column("id").combine_chunks()
     kept = scores.column("kept").to_numpy(zero_copy_only=False)
-    parent = np.arange(len(ids))
+    n = len(ids)
+    targets = ids if earlier is None else pa.concat_arrays([ids, earlier.column("id").combine_chunks()])
+    resolved = ids if earlier is None else pa.concat_arrays([ids, earlier.column("kept_id").combine_chunks()])
+    parent = np.arange(len(targets))
     gone = np.flatnonzero(~kept)
-    at = pc.index_in(scores.column("dup_of").combine_chunks().take(pa.array(gone)), value_set=ids)
+    at = pc.index_in(scores.column("dup_of").combine_chunks().take(pa.array(gone)), value_set=targets)
     if at.null_count:
-        raise RuntimeError("a removed item's dup_of is not in its bucket")
+        raise RuntimeError("a removed item's dup_of is neither in its bucket nor an earlier item of its clusters")
     parent[gone] = at.to_numpy(zero_copy_only=False)
+    kept = np.concatenate([kept, np.ones(len(targets) - n, bool)])  # earlier items: terminal, resolved already
     while True:
         grand = parent[parent]
         if np.array_equal(grand, parent):
@@ -221,7 +226,7 @@ def _kept_ids(scores: pa.Table) -> pa.Array:
         parent = grand
     if not kept[parent].all():
         raise RuntimeError("a duplicate chain does not end at a kept item")
-    return ids.take(pa.array(parent))
+    return resolved.take(pa.array(parent[:n]))
 
 
 def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], copies: pa.Table) -> pa.Table:

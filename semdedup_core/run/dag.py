@@ -29,6 +29,7 @@ from semdedup_core.dedup import partitions, scoring, tuning
 from semdedup_core.embedding import stage as embedding
 from semdedup_core.results import dataset as dataset_writer
 from semdedup_core.results import summary as results
+from semdedup_core.run.collection import NothingNew, commit_generation, nothing_new_summary
 from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.lease import Lease
 from semdedup_core.run.plan import RunPlan, StageClock, plan_run, refusals_recorded, start_run, write_run_json
@@ -255,13 +256,20 @@ def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
     """The whole run: plan, take the lease, start or resume, then every stage."""
     clock = StageClock()
     with clock.stage("plan"):
-        plan = executor.plan(cfg)  # every misconfiguration fails here, before any work
+        try:
+            plan = executor.plan(cfg)  # every misconfiguration fails here, before any work
+        except NothingNew as exc:
+            logger.info("%s", exc)
+            return nothing_new_summary(cfg, str(exc), dict(clock.seconds))
     with Lease(plan.layout.lease):  # a second run on the same output is refused here
         start_run(plan)
         with refusals_recorded(plan):
             if plan.embeds:
                 plan = _embed(plan, executor, clock)
-            return _dedup(plan, executor, clock)
+            summary = _dedup(plan, executor, clock)
+        if plan.config.collection:
+            commit_generation(plan, summary)  # last: the generation joins the collection
+        return summary
 
 
 def _embed(plan: RunPlan, executor: Executor, clock: StageClock) -> RunPlan:

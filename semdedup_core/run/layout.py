@@ -21,7 +21,7 @@ _ARTIFACTS = {
     "clustering": re.compile(r"centroids\.npy|bucket_of_cluster\.npy|fit\.json"),
     "partitions": re.compile(rf"{_SHARD}(?:\.parquet|\.f32|\.failed\.parquet|\.json)|index\.json|cluster_sizes\.npy"),
     "tuning": re.compile(rf"curve\.parquet|result\.json|sample\.json|sample-{_BUCKET}\.parquet"),
-    "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json)"),
+    "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json|earlier\.parquet)"),
     "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json"),
     "report": re.compile(r"index\.html"),
     "written": re.compile(rf"{_SHARD}\.json"),
@@ -157,6 +157,10 @@ class RunLayout:
 
     def scores_done(self, bucket: int) -> str:
         return self._at("scores", f"bucket-{bucket:05d}.json")
+
+    def scores_earlier(self, bucket: int) -> str:
+        """A collection generation's bucket: the earlier items its new items were removed for."""
+        return self._at("scores", f"bucket-{bucket:05d}.earlier.parquet")
 
     # results
     @property

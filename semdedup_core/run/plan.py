@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import posixpath
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,18 @@ RUN_FORMAT_VERSION = 1
 MAX_BUCKETS = 1000  # Prefect's server degrades past a few thousand mapped runs
 TARGET_BUCKET_BYTES = 128 * 2**20
 _GLOB_CHARS = "*?["
+_COLLECTION_RUN = re.compile(r"generations/g-\d{5,}/")
+
+
+class PlanRef(BaseModel):
+    """A stored run plan, by content: what tasks receive instead of the plan itself, whose
+    shard lists grow with the input (an image folder's plan names every file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output: str
+    digest: str
+    storage_block: str | None = None  # where the credentials to read it come from
 
 
 class RunPlan(BaseModel):
@@ -59,6 +72,9 @@ class RunPlan(BaseModel):
     # Input object (or image shard, see image_shard_key) -> what it looked like when planned:
     # a resume over an input rewritten since is refused.
     fingerprints: dict[str, str] = {}
+    # A generation of a collection (docs/architecture.md §"Collections"): the earlier runs
+    # since the collection's base, base first, whose items the new ones are judged against.
+    earlier: list[PlanRef] = []
     n_input: int
     dim: int
     clusters: int
@@ -72,17 +88,6 @@ class RunPlan(BaseModel):
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.config.output)
-
-
-class PlanRef(BaseModel):
-    """A stored run plan, by content: what tasks receive instead of the plan itself, whose
-    shard lists grow with the input (an image folder's plan names every file)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    output: str
-    digest: str
-    storage_block: str | None = None  # where the credentials to read it come from
 
 
 def store_plan(plan: RunPlan) -> PlanRef:
@@ -119,8 +124,17 @@ def default_buckets(n_items: int, dim: int, clusters: int) -> int:
 
 def plan_run(cfg: RunConfig) -> RunPlan:
     """Every check that can fail before work: the output, inputs, ids, dimensions, k, device,
-    an existing run."""
+    an existing run. For a collection, the plan of its next generation."""
+    if cfg.collection:
+        from semdedup_core.run.collection import plan_generation
+
+        return plan_generation(cfg)
     check_output(cfg)
+    return check_existing_run(plan_inputs(cfg))
+
+
+def plan_inputs(cfg: RunConfig) -> RunPlan:
+    """The inputs' shards, sizes, device and fingerprints (nothing about the output)."""
     from semdedup_core.dedup.kernel import resolve_device  # torch: imported only when a run is planned
 
     try:
@@ -144,7 +158,12 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         if buckets > k:
             raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
         plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
-    plan = plan.model_copy(update={"fingerprints": input_fingerprints(plan.sources, plan.shards)})
+    return plan.model_copy(update={"fingerprints": input_fingerprints(plan.sources, plan.shards)})
+
+
+def check_existing_run(plan: RunPlan) -> RunPlan:
+    """An existing run at the plan's output: free, and resumable (or restarted after a refusal)."""
+    cfg = plan.config
     check_free(plan.layout.lease)
     if cfg.on_existing != "fresh":
         plan = restart_after_refusal(plan)
@@ -293,10 +312,12 @@ def _refuse_foreign_folder(cfg: RunConfig, fs, root: str) -> None:
     """An existing output must be a run of ours, or hold nothing but what a run of ours leaves
     before its run.json (a lease, temporary files)."""
     layout = RunLayout(cfg.output)
-    if read_run_record(layout.run_json) is not None:
+    if not cfg.collection and read_run_record(layout.run_json) is not None:
         return
     lease = read_lease(layout.lease)
     others = [f for f in _files_under(fs, root) if not is_temp_artifact(f) and not (f == "lease.json" and lease and "owner" in lease)]
+    if cfg.collection:  # a collection holds its record and its generations' run folders
+        others = [f for f in others if f != "collection.json" and not _COLLECTION_RUN.match(f)]
     if not others:
         return
     example = f"{len(others)} files, e.g. {others[0]}" if len(others) > 1 else others[0]

@@ -153,4 +153,5 @@ class RunSummary(StageResult):
     versions: dict[str, str]
     warnings: list[str] = []
     refused: str | None = None  # why nothing could be judged (every item failed)
+    note: str | None = None  # a run that had nothing to do says why (a collection with nothing new)
     written: Written | None = None
