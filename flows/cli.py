@@ -189,6 +189,10 @@ def _errors_reported(log: RunLog) -> Iterator[None]:
 def run(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Dataset globs or URLs (local, file://, s3://, gs://).")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder URL.")] = None,
+    collection: Annotated[Optional[str], typer.Option("--collection", help="A curated collection instead of --output: the first run is its base, each later run adds a generation with only the input objects not processed yet.")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="Collection: judge new items against the earlier kept items (kept) or all earlier items (all).")] = None,
+    refit: Annotated[bool, typer.Option("--refit", help="Collection: start a new base over the whole input (may change earlier decisions).")] = False,
+    changed_inputs: Annotated[Optional[str], typer.Option("--changed-inputs", help="Collection: an input processed before that has changed: refuse | skip.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="auto|embeddings|clip-retrieval|webdataset|parquet|jsonl|images")] = None,
     model: Annotated[Optional[str], typer.Option(help="Embedding model name.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or checkpoint path.")] = None,
@@ -233,10 +237,16 @@ def run(
     with _errors_reported(log):
         if fresh and reuse_embeddings:
             raise ConfigError("give either --fresh or --reuse-embeddings, not both")
+        if collection is not None and output is not None:
+            raise ConfigError("give either --output (a run) or --collection (a curated collection), not both")
         cfg = RunConfig.load(
             config,
             input=inputs,
-            output=output,
+            output=collection if collection is not None else output,
+            collection=True if collection is not None else None,
+            against=against,
+            refit=refit or None,
+            changed_inputs=changed_inputs,
             format=format,
             model=model,
             pretrained=pretrained,
@@ -288,9 +298,13 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
         if finished is not None:
             console.print(f"{cfg.output} holds this run, finished: its stored summary (nothing to do).", soft_wrap=True, markup=False, highlight=False)
             return finished
+        from semdedup_core.run.collection import NothingNew, nothing_new_summary
         from semdedup_core.run.plan import plan_run
 
-        plan_run(cfg)
+        try:
+            plan_run(cfg)
+        except NothingNew as exc:  # a collection with nothing new: done, without starting Prefect
+            return nothing_new_summary(cfg, str(exc), {})
     from flows.dedup_flow import semdedup_flow
 
     from prefect import tags
@@ -383,6 +397,9 @@ def _fraction(value: float | None) -> str:
 
 
 def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
+    if summary.note is not None:  # nothing to do (a collection with nothing new)
+        console.print(summary.note, soft_wrap=True, markup=False, highlight=False)
+        return
     table = Table(title="semdedup", show_header=False)
     table.add_row("input items", f"{summary.n_input:,}")
     table.add_row("kept", f"{summary.n_kept:,}")
@@ -407,6 +424,37 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     console.print(f"output: {summary.output}", soft_wrap=True, markup=False, highlight=False)
     if not verbose:
         console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def status(
+    collection: Annotated[str, typer.Argument(metavar="COLLECTION", help="A collection URL (semdedup run --collection).")],
+) -> None:
+    """Show a collection's generations: what each processed and decided, and how far the
+    collection has drifted from its base's clustering."""
+    log = RunLog()
+    with _errors_reported(log):
+        from semdedup_core.run.collection import read_collection
+
+        record = read_collection(collection)
+        if record is None or not record.generations:
+            raise ConfigError(f"{collection} holds no semdedup collection (no committed generation)")
+        table = Table(title=f"semdedup collection {collection}")
+        for column in ("gen", "kind", "inputs", "items", "kept", "removed", "failed", "eps", "against", "growth", "centroid sim new/base", "largest cluster", "imbalance", "committed"):
+            table.add_column(column, overflow="fold")
+        for g in record.generations:
+            d = g.drift
+            sims = f"{d.new_mean_centroid_sim:.3f} / {d.base_mean_centroid_sim:.3f}" if d and d.new_mean_centroid_sim is not None and d.base_mean_centroid_sim is not None else "-"
+            table.add_row(
+                str(g.index), g.kind, f"{len(g.inputs):,}", f"{g.n_input:,}", f"{g.n_kept:,}", f"{g.n_removed:,}", f"{g.n_failed:,}", f"{g.eps:.6g}",
+                g.against or "-", f"{d.growth:.2f}x" if d else "-", sims, f"{d.largest_cluster:,}" if d else "-", f"{d.imbalance:.3f}" if d else "-", g.committed,
+            )
+        console.print(table)
+        kept = sum(g.n_kept for g in record.generations[record.base :])
+        console.print(f"kept items since the latest base (generation {record.base}): {kept:,}", soft_wrap=True, markup=False, highlight=False)
+        last = record.generations[-1].drift
+        if last is not None and last.refit_recommended:
+            console.print(f"refit recommended: {last.reason} (semdedup run ... --collection {collection} --refit)", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -74,7 +74,7 @@ class Generation(BaseModel):
     eps: float
     against: str | None
     committed: str
-    drift: Drift | None = None
+    drift: Drift
 
 
 class Collection(BaseModel):
@@ -222,14 +222,14 @@ def commit_generation(plan: RunPlan, summary: RunSummary) -> Collection:
         eps=summary.eps,
         against=plan.config.against if plan.earlier else None,
         committed=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        drift=drift(plan, collection) if plan.earlier else None,
+        drift=drift(plan),
     )
     collection.generations.append(record)
     write_json(collection_json(root), collection.model_dump(mode="json"))
     return collection
 
 
-def drift(plan: RunPlan, collection: Collection) -> Drift:
+def drift(plan: RunPlan) -> Drift:
     """Growth since the base fit, how far this generation's items sit from their centroids
     compared with the base's, and the cumulative cluster balance; a refit is recommended
     past REFIT_GROWTH or REFIT_CENTROID_SIM_DROP."""
