@@ -154,7 +154,7 @@ class RunResults:
         self.kept = self._table("result/kept.parquet").to_pylist()
         self.removed = self._table("result/removed.parquet").to_pylist()
         self.failed = self._table("result/failed.parquet").to_pylist()
-        score_files = [f for f in self._list("scores") if f.endswith(".parquet")]
+        score_files = [f for f in self._list("scores") if f.endswith(".parquet") and not f.endswith(".earlier.parquet")]
         self.n_score_files = len(score_files)
         self.scores = pa.concat_tables([self._table(f) for f in score_files]).to_pylist() if score_files else []
 

@@ -1,0 +1,266 @@
+"""Curated collections: a base, then generations that judge only new input objects against
+what the collection already holds (real runs through run_pipeline, the kernel, parquet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.dedup.kernel import cluster_max_sim
+from semdedup_core.run.collection import generation_url, read_collection
+from semdedup_core.run.dag import run_pipeline
+
+from .conftest import RunResults, fast_embeddings, single_thread, unit_rows
+
+REPO = Path(__file__).resolve().parent.parent
+DIM = 16
+CFG = dict(eps=0.05, clusters=6, buckets=3, kmeans_iterations=10, seed=4, workers=1)
+HANG_GUARD_S = 240  # bounds every wait; nothing is asserted about time
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class Corpus:
+    """Input shards written night by night; every vector kept by id for checking."""
+
+    def __init__(self, folder: Path, seed: int = 0):
+        self.folder, self.rng = folder, np.random.default_rng(seed)
+        self.vectors: dict[str, np.ndarray] = {}
+        self.shard_ids: dict[str, list[str]] = {}
+
+    def add(self, name: str, n_new: int, near_of: list[str] = (), copies_of: list[str] = (), broken: int = 0) -> Path:
+        ids = [f"{name}-new-{i}" for i in range(n_new)] + [f"{name}-near-{i}" for i in range(len(near_of))]
+        ids += [f"{name}-copy-{i}" for i in range(len(copies_of))] + [f"{name}-bad-{i}" for i in range(broken)]
+        parts = [unit_rows(self.rng, n_new, DIM)]
+        if near_of:
+            base = np.stack([self.vectors[i] for i in near_of])
+            parts.append(_unit(base + 0.002 * self.rng.standard_normal(base.shape).astype(np.float32)))
+        if copies_of:
+            parts.append(np.stack([self.vectors[i] for i in copies_of]))
+        if broken:
+            parts.append(np.zeros((broken, DIM), np.float32))  # zero vectors: failed
+        vectors = np.concatenate(parts).astype(np.float32)
+        self.vectors.update({i: v for i, v in zip(ids, vectors)})
+        self.shard_ids[name] = ids
+        return fast_embeddings(self.folder / f"{name}.parquet", ids, vectors)
+
+
+def _run(cfg: RunConfig):
+    with single_thread():
+        return run_pipeline(cfg)
+
+
+def _files(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _scores(run: Path) -> list[dict]:
+    """Every scores row of a run, each cluster's rows in its stored keep order."""
+    return [r for p in sorted((run / "scores").glob("bucket-*.parquet")) if not p.name.endswith(".earlier.parquet") for r in pq.read_table(p).to_pylist()]
+
+
+def _decided(run: Path) -> tuple[set, dict, set]:
+    r = RunResults(run)
+    return {x["id"] for x in r.kept}, {x["id"]: x for x in r.removed}, {x["id"] for x in r.failed}
+
+
+def test_generations_judge_only_new_objects_and_never_touch_earlier_decisions(tmp_path):
+    corpus = Corpus(tmp_path / "in")
+    corpus.add("night1-a", 300)
+    corpus.add("night1-b", 300, near_of=[f"night1-a-new-{i}" for i in range(20)])
+    coll = tmp_path / "coll"
+    cfg = RunConfig(input=[str(corpus.folder)], output=str(coll), collection=True, **CFG)
+
+    base = _run(cfg)
+    base_kept, base_removed, _ = _decided(Path(generation_url(str(coll), 0)))
+    assert base.n_input == 620 and len(base_removed) >= 20
+    g0_files = _files(Path(generation_url(str(coll), 0)))
+
+    old_kept = sorted(base_kept)
+    old_removed = sorted(base_removed)
+    corpus.add("night2", 40, near_of=old_kept[:25], copies_of=old_kept[25:35] + old_removed[:5], broken=2)
+    gen = _run(cfg)
+    g1 = Path(generation_url(str(coll), 1))
+    kept, removed, failed = _decided(g1)
+    new_ids = set(corpus.shard_ids["night2"])
+    # every new item in exactly one of kept / removed / failed; nothing else
+    assert kept | set(removed) | failed == new_ids and len(kept) + len(removed) + len(failed) == len(new_ids)
+    assert (gen.n_input, gen.n_failed) == (len(new_ids), 2)
+    # only the new shard was processed; the base's files are untouched (bytes and mtimes)
+    assert [Path(s["url"]).name for s in json.loads((g1 / "run.json").read_text())["shards"]] == ["night2.parquet"]
+    assert _files(Path(generation_url(str(coll), 0))) == g0_files
+    # the planted copies go, each as a copy of the earlier item it copies; new distinct items stay
+    for i, original in enumerate(old_kept[:25] + old_kept[25:35]):
+        rid = f"night2-near-{i}" if i < 25 else f"night2-copy-{i - 25}"
+        assert rid in removed, rid
+        assert removed[rid]["dup_of"] == original and removed[rid]["kept_id"] == original
+    assert {f"night2-new-{i}" for i in range(40)} <= kept
+    # a copy of an earlier *removed* item is judged against the earlier kept items (default):
+    # removed for the kept item its original was removed for
+    for i, original in enumerate(old_removed[:5]):
+        rid = f"night2-copy-{10 + i}"
+        assert removed[rid]["kept_id"] == base_removed[original]["kept_id"] == removed[rid]["dup_of"]
+
+    record = read_collection(str(coll))
+    assert [g.kind for g in record.generations] == ["base", "generation"]
+    assert set(record.generations[1].inputs) == {str(corpus.folder / "night2.parquet")}
+    assert record.generations[1].drift.items_since_base == 620 + len(new_ids) - 2  # assigned items: failed rows excluded
+    committed = (coll / "collection.json").read_bytes()
+
+    again = _run(cfg)  # night 3: nothing new
+    assert again.note is not None and "nothing new" in again.note and again.n_input == 0
+    assert (coll / "collection.json").read_bytes() == committed
+    assert not Path(generation_url(str(coll), 2)).exists()
+
+
+def test_against_all_equals_one_ranked_run_over_the_union_to_the_bit(tmp_path):
+    """With against='all', each new item's max_sim and dup_of equal those of one run over the
+    union in which, per cluster, the earlier items come first in their order and the new
+    items follow in theirs (same centroids): recomputed here with the kernel on the union."""
+    corpus = Corpus(tmp_path / "in", seed=1)
+    corpus.add("a", 400, near_of=[])
+    corpus.add("b", 100, near_of=[f"a-new-{i}" for i in range(60)])
+    coll = tmp_path / "coll"
+    cfg = RunConfig(input=[str(corpus.folder)], output=str(coll), collection=True, against="all", **CFG)
+    _run(cfg)
+    base_scores = _scores(Path(generation_url(str(coll), 0)))
+    removed_before = {r["id"] for r in base_scores if not r["kept"]}
+    assert removed_before  # earlier removed items exist: 'all' must judge against them too
+    corpus.add("c", 50, near_of=sorted(removed_before)[:30] + [f"a-new-{i}" for i in range(100, 120)])
+    _run(cfg)
+    new_scores = _scores(Path(generation_url(str(coll), 1)))
+    expected_dup_to_removed = 0
+    for cluster in sorted({r["cluster"] for r in new_scores}):
+        earlier = [r["id"] for r in base_scores if r["cluster"] == cluster]  # stored keep order
+        new = [r for r in new_scores if r["cluster"] == cluster]
+        union = earlier + [r["id"] for r in new]
+        whole = cluster_max_sim(np.stack([corpus.vectors[i] for i in union]), tile_size=7)
+        for j, row in enumerate(new, start=len(earlier)):
+            if whole.dup_of[j] < 0:
+                assert row["dup_of"] is None
+                continue
+            assert np.float32(row["max_sim"]).view(np.uint32) == whole.max_sim[j].view(np.uint32), row
+            assert row["dup_of"] == union[whole.dup_of[j]], row
+            expected_dup_to_removed += union[whole.dup_of[j]] in removed_before
+    assert expected_dup_to_removed > 0  # the comparison covered dup_of pointing at earlier removed items
+
+
+def test_a_generation_killed_midway_resumes_to_the_same_collection(tmp_path):
+    """kill -9 during the generation's dedup stage leaves collection.json as it was; the
+    re-run resumes the same generation folder and commits the same state as an unbroken run."""
+    corpus = Corpus(tmp_path / "in", seed=2)
+    corpus.add("a", 3000)
+    big = dict(CFG, clusters=40, buckets=40, tile_size=64)
+    reference, broken = tmp_path / "reference", tmp_path / "broken"
+    for coll in (reference, broken):
+        _run(RunConfig(input=[str(corpus.folder)], output=str(coll), collection=True, **big))
+    corpus.add("b", 3000, near_of=[f"a-new-{i}" for i in range(500)])
+    _run(RunConfig(input=[str(corpus.folder)], output=str(reference), collection=True, **big))
+    before = (broken / "collection.json").read_bytes()
+
+    cfg = RunConfig(input=[str(corpus.folder)], output=str(broken), collection=True, **big)
+    script = "import sys; from semdedup_core.config import RunConfig; from semdedup_core.run.dag import run_pipeline; run_pipeline(RunConfig.model_validate_json(sys.argv[1]))"
+    env = dict(os.environ, OMP_NUM_THREADS="1", SEMDEDUP_LEASE_TTL="5", PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json()], env=env, cwd=REPO)
+    scores = Path(generation_url(str(broken), 1)) / "scores"
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not list(scores.glob("bucket-*.json")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done_then = len(list(scores.glob("bucket-*.json")))
+    assert 0 < done_then < 40, done_then  # killed in the middle of the dedup stage
+    assert (broken / "collection.json").read_bytes() == before  # nothing committed
+    time.sleep(6)  # the killed run's lease (TTL 5 s) expires
+    _run(cfg)
+
+    def state(coll: Path) -> list[dict]:
+        return [{k: v for k, v in g.model_dump().items() if k not in ("committed", "run", "plan")} for g in read_collection(str(coll)).generations]
+
+    assert state(broken) == state(reference)
+    for g in (0, 1):
+        assert RunResults(Path(generation_url(str(broken), g))).decisions() == RunResults(Path(generation_url(str(reference), g))).decisions()
+
+
+def test_changed_and_foreign_inputs_are_refused_before_any_work(tmp_path):
+    corpus = Corpus(tmp_path / "in", seed=3)
+    shard = corpus.add("a", 100)
+    coll = tmp_path / "coll"
+    cfg = RunConfig(input=[str(corpus.folder)], output=str(coll), collection=True, **CFG)
+    _run(cfg)
+    committed = (coll / "collection.json").read_bytes()
+    corpus.add("a", 120)  # the processed object rewritten
+    corpus.add("b", 50)
+    with pytest.raises(ConfigError, match="changed since"):
+        _run(cfg)
+    assert (coll / "collection.json").read_bytes() == committed and not Path(generation_url(str(coll), 1)).exists()
+    skipped = _run(cfg.model_copy(update={"changed_inputs": "skip"}))
+    assert skipped.n_input == 50  # only the new object; the changed one left out
+    assert set(read_collection(str(coll)).generations[1].inputs) == {str(corpus.folder / "b.parquet")}
+    # a collection never lands on a plain run, nor a plain run on a collection
+    with pytest.raises(ConfigError):
+        _run(RunConfig(input=[str(shard)], output=str(coll), **CFG))
+    plain = tmp_path / "plain"
+    _run(RunConfig(input=[str(shard)], output=str(plain), **CFG))
+    with pytest.raises(ConfigError):
+        _run(RunConfig(input=[str(shard)], output=str(plain), collection=True, **CFG))
+    # a generation must use the base's recipe (embeddings, order)
+    with pytest.raises(ConfigError, match="another configuration"):
+        _run(cfg.model_copy(update={"keep": "easy", "changed_inputs": "skip"}))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    nights=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 60), st.integers(0, 30), st.integers(0, 10), st.integers(0, 2)), min_size=2, max_size=4),
+    against=st.sampled_from(["kept", "all"]),
+)
+def test_every_item_is_decided_once_across_any_sequence_of_nights(tmp_path_factory, nights, against):
+    """Random growth (new shards with fresh items, near copies and exact copies of anything
+    seen before, broken rows; nights without new shards): every input id is in exactly one
+    generation's kept / removed / failed; earlier generations' files never change; a removed
+    item's kept_id is an item kept by its own or an earlier generation."""
+    tmp = tmp_path_factory.mktemp("nights")
+    corpus = Corpus(tmp / "in", seed=len(nights))
+    coll = tmp / "coll"
+    cfg = RunConfig(input=[str(corpus.folder)], output=str(coll), collection=True, against=against, **dict(CFG, clusters=3, buckets=2))
+    corpus.add("n0", 80)
+    rng = np.random.default_rng(7)
+    snapshots: list[dict] = []
+    for night, (n_shards, n_new, n_near, n_copy, n_bad) in enumerate(nights, start=1):
+        seen = sorted(corpus.vectors)
+        for s in range(n_shards):
+            corpus.add(f"n{night}-{s}", n_new, near_of=list(rng.choice(seen, n_near)), copies_of=list(rng.choice(seen, n_copy)), broken=n_bad)
+        summary = _run(cfg)
+        generations = read_collection(str(coll)).generations if (coll / "collection.json").exists() else []
+        for g, files in enumerate(snapshots):
+            assert _files(Path(generation_url(str(coll), g))) == files, f"generation {g} changed"
+        snapshots = [_files(Path(generation_url(str(coll), g.index))) for g in generations]
+        if summary.note is not None:
+            assert n_shards == 0 or summary.n_input == 0
+    generations = read_collection(str(coll)).generations
+    decided: dict[str, tuple[int, str]] = {}
+    kept_by: dict[str, int] = {}
+    for g in generations:
+        kept, removed, failed = _decided(Path(generation_url(str(coll), g.index)))
+        for ids, what in ((kept, "kept"), (set(removed), "removed"), (failed, "failed")):
+            for i in ids:
+                assert i not in decided, (i, decided.get(i), g.index)
+                decided[i] = (g.index, what)
+        kept_by.update({i: g.index for i in kept})
+        for r in removed.values():
+            assert kept_by.get(r["kept_id"], g.index + 1) <= g.index, r
+    assert set(decided) == set(corpus.vectors)
