@@ -402,6 +402,7 @@ def list_files(url_pattern: str) -> list[str]:
     """Expand a glob (or a single path) to sorted full URLs of files. A path that exists as
     written is taken literally, glob characters and all (``part[1].parquet``)."""
     fs, path = filesystem(url_pattern)
+    _forget_listings(fs, path)
 
     def expand() -> list[str]:
         # Types come from the listing itself: a per-file check would turn a failing object
@@ -416,6 +417,13 @@ def list_files(url_pattern: str) -> list[str]:
     return with_retries("list", url_pattern, expand)
 
 
+def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Inputs keep filling (a bucket that gains shards every night): drop what this process's
+    filesystem cached about them, so a listing and the opens after it see the store as it is."""
+    static = path.split("*")[0].split("?")[0].split("[")[0]
+    fs.invalidate_cache(static.rstrip("/") or path)
+
+
 def _has_protocol(url: str) -> bool:
     return "://" in url
 
@@ -424,6 +432,7 @@ def expand_input(entry: str) -> tuple[list[str], str | None]:
     """Files of one input entry (a glob, a file or a folder, searched recursively), sorted,
     and the folder they were found under (for image ids) when the entry is a folder."""
     fs, path = filesystem(entry)
+    _forget_listings(fs, path)
     is_dir = with_retries("list", entry, lambda: _literal_type(fs, path)) == "directory"
     if not is_dir:
         return list_files(entry), None

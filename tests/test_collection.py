@@ -264,3 +264,53 @@ def test_every_item_is_decided_once_across_any_sequence_of_nights(tmp_path_facto
         for r in removed.values():
             assert kept_by.get(r["kept_id"], g.index + 1) <= g.index, r
     assert set(decided) == set(corpus.vectors)
+
+
+def test_text_generations_embed_only_the_new_shard(tiny_bert, tmp_path):
+    """Raw text: a generation scans and embeds only the new jsonl; the base's embeddings stay
+    byte for byte (and mtime) as they were; exact and near copies of earlier texts go."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    docs = [f"document {i} about topic {i % 7} with words w{i} w{i * 3} w{i * 5}" for i in range(60)]
+    for s in range(2):
+        (folder / f"night1-{s}.jsonl").write_text("".join(json.dumps({"id": f"d{s}-{i}", "text": docs[s * 30 + i]}) + "\n" for i in range(30)))
+    coll = tmp_path / "coll"
+    cfg = RunConfig(input=[str(folder)], output=str(coll), collection=True, model=str(tiny_bert), eps=0.001, clusters=2, decode_workers=0, seed=1)
+    _run(cfg)
+    g0 = Path(generation_url(str(coll), 0))
+    embedded_before = _files(g0 / "embeddings")
+    base_kept, _, _ = _decided(g0)
+    new = [{"id": "n-exact", "text": docs[3]}, {"id": "n-spaced", "text": "  " + docs[40].upper() + " "}, {"id": "n-fresh", "text": "an entirely new text"}]
+    (folder / "night2.jsonl").write_text("".join(json.dumps(d) + "\n" for d in new))
+    gen = _run(cfg)
+    g1 = Path(generation_url(str(coll), 1))
+    assert _files(g0 / "embeddings") == embedded_before
+    assert sorted(p.name for p in (g1 / "embeddings").glob("*.parquet")) == ["shard-00000.failed.parquet", "shard-00000.parquet"]
+    assert pq.read_table(g1 / "embeddings" / "shard-00000.parquet").column("id").to_pylist() == ["n-exact", "n-spaced", "n-fresh"]
+    kept, removed, failed = _decided(g1)
+    assert gen.n_input == 3 and not failed
+    for rid, original in (("n-exact", "d0-3"), ("n-spaced", "d1-10")):
+        if original in base_kept:  # an earlier kept text: its copies go, as copies of it
+            assert removed[rid]["dup_of"] == original, removed.get(rid)
+    assert "n-fresh" in kept
+
+
+def test_collection_on_object_storage(moto_s3, tmp_path):
+    """The collection, its generations and its commit in a bucket (moto's HTTP S3 server)."""
+    bucket = moto_s3.new_bucket("collection")
+    corpus = Corpus(tmp_path / "in", seed=5)
+    moto_s3.upload(corpus.add("a", 200), bucket, "in/a.parquet")
+    coll = f"s3://{bucket}/curated"
+    cfg = RunConfig(input=[f"s3://{bucket}/in/"], output=coll, collection=True, **CFG)
+    _run(cfg)
+    moto_s3.upload(corpus.add("b", 30, near_of=[f"a-new-{i}" for i in range(10)]), bucket, "in/b.parquet")
+    gen = _run(cfg)
+    assert gen.n_input == 40
+    record = read_collection(coll)
+    assert [(g.kind, sorted(g.inputs)) for g in record.generations] == [("base", [f"s3://{bucket}/in/a.parquet"]), ("generation", [f"s3://{bucket}/in/b.parquet"])]
+    results = RunResults(generation_url(coll, 1), moto_s3)
+    removed = {r["id"]: r for r in results.removed}
+    assert {f"b-near-{i}" for i in range(10)} <= set(removed)
+    assert all(removed[f"b-near-{i}"]["dup_of"] == f"a-new-{i}" for i in range(10))
+    assert {r["id"] for r in results.kept} | set(removed) == set(corpus.shard_ids["b"])
+    assert _run(cfg).note is not None
