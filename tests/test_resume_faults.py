@@ -59,7 +59,7 @@ if os.environ.get("TEST_PRETEND_HOSTNAME"):  # a run on another machine: its pid
 from semdedup_core.config import RunConfig
 from semdedup_core.run.dag import run_pipeline
 summary = run_pipeline(RunConfig.model_validate_json(sys.argv[1]))
-print(json.dumps({k: summary[k] for k in ("n_input", "n_kept", "n_removed", "n_failed")}))
+print(json.dumps({k: getattr(summary, k) for k in ("n_input", "n_kept", "n_removed", "n_failed")}))
 """
 
 
