@@ -314,3 +314,26 @@ def test_collection_on_object_storage(moto_s3, tmp_path):
     assert all(removed[f"b-near-{i}"]["dup_of"] == f"a-new-{i}" for i in range(10))
     assert {r["id"] for r in results.kept} | set(removed) == set(corpus.shard_ids["b"])
     assert _run(cfg).note is not None
+
+
+def test_a_night_of_unusable_items_is_processed_and_the_next_night_goes_on(tiny_bert, tmp_path):
+    """Raw text whose new object holds nothing usable: the run stops as usual (NoUsableItems),
+    but the object counts as processed (a failed generation is committed), so the next night
+    is not stuck on it."""
+    from semdedup_core.results.summary import NoUsableItems
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "text": f"text number {i} here"}) + "\n" for i in range(20)))
+    coll = tmp_path / "coll"
+    cfg = RunConfig(input=[str(folder)], output=str(coll), collection=True, model=str(tiny_bert), eps=0.001, clusters=2, decode_workers=0)
+    _run(cfg)
+    (folder / "b.jsonl").write_text("".join(json.dumps({"id": f"b{i}", "text": " " * i}) + "\n" for i in range(5)))
+    with pytest.raises(NoUsableItems):
+        _run(cfg)
+    record = read_collection(str(coll))
+    assert [(g.kind, g.n_input, g.n_failed) for g in record.generations] == [("base", 20, 0), ("generation", 5, 5)]
+    (folder / "c.jsonl").write_text(json.dumps({"id": "c0", "text": "text number 3 here"}) + "\n" + json.dumps({"id": "c1", "text": "something else"}) + "\n")
+    night3 = _run(cfg)
+    assert night3.n_input == 2 and len(read_collection(str(coll)).generations) == 3
+    assert _run(cfg).note is not None

@@ -150,7 +150,11 @@ def plan_generation(cfg: RunConfig) -> RunPlan:
     if not new:
         raise NothingNew(f"nothing new: all {len(plan.fingerprints)} input objects were processed by generations 0..{index - 1} of {root}")
     plan = _restricted(plan, set(new))
-    earlier = [PlanRef(output=join(root, g.run), digest=g.plan, storage_block=cfg.storage_block) for g in collection.generations[collection.base :]]
+    earlier = [
+        PlanRef(output=join(root, g.run), digest=g.plan, storage_block=cfg.storage_block)
+        for g in collection.generations[collection.base :]
+        if g.n_failed < g.n_input  # a generation whose every item failed has nothing to judge against
+    ]
     plan = plan.model_copy(update={"earlier": earlier, "clusters": base_plan.clusters, "buckets": base_plan.buckets, "dim": base_plan.dim})
     if plan.dim and plan.shards and plan.shards[0].dim and plan.shards[0].dim != base_plan.dim:
         raise ConfigError(f"the new inputs hold {plan.shards[0].dim}-d embeddings but the collection's base has {base_plan.dim}-d")
@@ -233,12 +237,13 @@ def drift(plan: RunPlan) -> Drift:
     """Growth since the base fit, how far this generation's items sit from their centroids
     compared with the base's, and the cumulative cluster balance; a refit is recommended
     past REFIT_GROWTH or REFIT_CENTROID_SIM_DROP."""
-    runs = [load_plan(ref) for ref in plan.earlier] + [plan]
+    runs = [run for run in [*(load_plan(ref) for ref in plan.earlier), plan] if exists(run.layout.cluster_sizes)]
     sizes = np.zeros(plan.clusters, np.int64)
     for run in runs:
         sizes += read_npy(run.layout.cluster_sizes)
-    base_sim, new_sim = _mean_centroid_sim(runs[0]), _mean_centroid_sim(plan)
-    n_base = int(read_npy(runs[0].layout.cluster_sizes).sum())
+    base_sim = _mean_centroid_sim(runs[0]) if runs else None
+    new_sim = _mean_centroid_sim(plan) if exists(plan.layout.cluster_sizes) else None
+    n_base = int(read_npy(runs[0].layout.cluster_sizes).sum()) if runs else 0
     total = int(sizes.sum())
     growth = total / n_base if n_base else float("inf")
     reasons = []

@@ -263,10 +263,15 @@ def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
             return nothing_new_summary(cfg, str(exc), dict(clock.seconds))
     with Lease(plan.layout.lease):  # a second run on the same output is refused here
         start_run(plan)
-        with refusals_recorded(plan):
-            if plan.embeds:
-                plan = _embed(plan, executor, clock)
-            summary = _dedup(plan, executor, clock)
+        try:
+            with refusals_recorded(plan):
+                if plan.embeds:
+                    plan = _embed(plan, executor, clock)
+                summary = _dedup(plan, executor, clock)
+        except results.NoUsableItems:
+            if plan.earlier:  # a generation whose new objects hold nothing usable: processed all the same
+                commit_generation(plan, RunSummary.model_validate(read_json(plan.layout.summary)))
+            raise
         if plan.config.collection:
             commit_generation(plan, summary)  # last: the generation joins the collection
         return summary
