@@ -439,17 +439,20 @@ def status(
         record = read_collection(collection)
         if record is None or not record.generations:
             raise ConfigError(f"{collection} holds no semdedup collection (no committed generation)")
-        table = Table(title=f"semdedup collection {collection}")
-        for column in ("gen", "kind", "inputs", "items", "kept", "removed", "failed", "eps", "against", "growth", "centroid sim new/base", "largest cluster", "imbalance", "committed"):
-            table.add_column(column, overflow="fold")
+        # One line per generation (soft-wrapped, never cut, readable at any width and by scripts).
+        console.print(f"semdedup collection {collection}", soft_wrap=True, markup=False, highlight=False)
         for g in record.generations:
             d = g.drift
-            sims = f"{d.new_mean_centroid_sim:.3f} / {d.base_mean_centroid_sim:.3f}" if d and d.new_mean_centroid_sim is not None and d.base_mean_centroid_sim is not None else "-"
-            table.add_row(
-                str(g.index), g.kind, f"{len(g.inputs):,}", f"{g.n_input:,}", f"{g.n_kept:,}", f"{g.n_removed:,}", f"{g.n_failed:,}", f"{g.eps:.6g}",
-                g.against or "-", f"{d.growth:.2f}x" if d else "-", sims, f"{d.largest_cluster:,}" if d else "-", f"{d.imbalance:.3f}" if d else "-", g.committed,
+            sims = "" if d.new_mean_centroid_sim is None or d.base_mean_centroid_sim is None else (
+                f", mean centroid similarity {d.new_mean_centroid_sim:.3f} (base {d.base_mean_centroid_sim:.3f})"
             )
-        console.print(table)
+            line = (
+                f"generation {g.index} ({g.kind}, {g.committed}): {len(g.inputs):,} input objects, {g.n_input:,} items: "
+                f"{g.n_kept:,} kept, {g.n_removed:,} removed, {g.n_failed:,} failed; eps {g.eps:.6g}"
+                + (f", against {g.against}" if g.against else "")
+                + f"; {d.items_since_base:,} items since the base ({d.growth:.2f}x){sims}, largest cluster {d.largest_cluster:,}, imbalance {d.imbalance:.3f}"
+            )
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
         kept = sum(g.n_kept for g in record.generations[record.base :])
         console.print(f"kept items since the latest base (generation {record.base}): {kept:,}", soft_wrap=True, markup=False, highlight=False)
         last = record.generations[-1].drift

@@ -337,3 +337,33 @@ def test_a_night_of_unusable_items_is_processed_and_the_next_night_goes_on(tiny_
     night3 = _run(cfg)
     assert night3.n_input == 2 and len(read_collection(str(coll)).generations) == 3
     assert _run(cfg).note is not None
+
+
+def test_cli_collection_nights_and_status(tmp_path):
+    """`semdedup run --collection` twice over a growing folder, a night with nothing new
+    (no Prefect started), `semdedup status`; misuses refused in one line (exit 2)."""
+    from .test_cli import assert_fails_cleanly, cli
+
+    corpus = Corpus(tmp_path / "in", seed=9)
+    corpus.add("a", 200)
+    coll = tmp_path / "coll"
+    args = ["run", str(corpus.folder), "--collection", str(coll), "--eps", "0.05", "--clusters", "4"]
+    first = cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr
+    corpus.add("b", 20, near_of=[f"a-new-{i}" for i in range(5)])
+    second = cli(args, tmp_path)
+    assert second.returncode == 0, second.stderr
+    third = cli(args, tmp_path)
+    assert third.returncode == 0 and "nothing new" in third.stdout, third.stdout + third.stderr
+    status = cli(["status", str(coll)], tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = [line for line in status.stdout.splitlines() if line.startswith("generation ")]
+    assert len(rows) == 2, status.stdout
+    assert rows[0].startswith("generation 0 (base") and "1 input objects, 200 items" in rows[0], rows[0]
+    assert rows[1].startswith("generation 1 (generation") and "1 input objects, 25 items" in rows[1] and "against kept" in rows[1], rows[1]
+    kept = sum(len(_decided(Path(generation_url(str(coll), g)))[0]) for g in (0, 1))
+    assert f"kept items since the latest base (generation 0): {kept:,}" in status.stdout
+
+    assert_fails_cleanly(cli([*args[:2], "--collection", str(tmp_path / "c2"), "--output", str(tmp_path / "o")], tmp_path), tmp_path / "c2", "--collection")
+    assert_fails_cleanly(cli(["run", str(corpus.folder), "--output", str(tmp_path / "o"), "--against", "all"], tmp_path), tmp_path / "o", "collection")
+    assert_fails_cleanly(cli(["status", str(corpus.folder)], tmp_path), tmp_path / "nothing", "no semdedup collection")
