@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from datetime import datetime
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -136,6 +137,9 @@ def test_scheduled_runs_add_generations_to_the_collection(server, tmp_path):
         base = _wait_for(lambda: _generations(collection), "the base generation")
         assert [g["kind"] for g in base] == ["base"]
         base_kept = {r["id"] for r in pq.read_table(collection / base[0]["run"] / "result" / "kept.parquet").to_pylist()}
+        # A scheduled run after the base, with nothing new yet, succeeds and adds nothing.
+        _wait_for(lambda: True if len(_completed(api, nightly["id"])) >= 2 else None, "a run after the base")
+        assert len(_generations(collection)) == 1
 
         os.replace(later, incoming / later.name)  # atomic: a run sees the whole shard or none of it
         generations = _wait_for(lambda: g if (g := _generations(collection)) and len(g) >= 2 else None, "the second generation")
@@ -160,7 +164,14 @@ def test_scheduled_runs_add_generations_to_the_collection(server, tmp_path):
     assert {r["id"] for r in pq.read_table(collection / generations[0]["run"] / "result" / "kept.parquet").to_pylist()} == base_kept
 
     runs = _post(f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [nightly["id"]]}}, "limit": 200})
-    finished = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
-    assert sum(r["auto_scheduled"] and r["state"]["type"] == "COMPLETED" for r in finished) >= 2
-    # Runs that found nothing new (between the two shards) succeeded too.
-    assert [r["state"]["type"] for r in finished if r["state"]["type"] != "COMPLETED"] == []
+    started = sorted((r for r in runs if r["start_time"] is not None), key=lambda r: datetime.fromisoformat(r["start_time"]))
+    assert len(started) >= 3 and all(r["auto_scheduled"] for r in started)
+    # Every run that started has succeeded (or is the one still going when the worker stopped).
+    assert [r["state"]["type"] for r in started[:-1]] == ["COMPLETED"] * (len(started) - 1)
+    # The deployment's concurrency limit: a run starts only after the previous one ended.
+    when = datetime.fromisoformat
+    assert all(when(a["end_time"]) <= when(b["start_time"]) for a, b in zip(started, started[1:]))
+
+
+def _completed(api: str, deployment_id: str) -> list[dict]:
+    return _post(f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id]}, "state": {"type": {"any_": ["COMPLETED"]}}}})
