@@ -30,7 +30,7 @@ _GROUP_CONFIG = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=Tru
 
 def _group(name: str, title: str, description: str, fields: dict[str, str], **extra: Any) -> type[BaseModel]:
     """A model whose fields are RunConfig's (``{field in the group: RunConfig field}``)."""
-    own = {group_name: _field(name) for group_name, name in fields.items()}
+    own = {field: _field(config_field) for field, config_field in fields.items()}
     return create_model(name, __config__=ConfigDict(_GROUP_CONFIG, title=title), __doc__=description, **extra, **own)
 
 
@@ -100,7 +100,8 @@ CollectionOptions = _group(
     {"enabled": "collection", **_same("against", "refit", "changed_inputs")},
 )
 
-_RENAMED = {"urls": "input", "enabled": "collection"}
+# Group fields named differently from their RunConfig field.
+RENAMED = {"urls": "input", "enabled": "collection"}
 
 
 def build_config(*groups: BaseModel) -> RunConfig:
@@ -111,7 +112,7 @@ def build_config(*groups: BaseModel) -> RunConfig:
             if isinstance(value, (FixedEps, TargetKeep)):
                 options.update(value.model_dump())
             else:
-                options[_RENAMED.get(name, name)] = value
+                options[RENAMED.get(name, name)] = value
     try:
         return RunConfig.model_validate(options)
     except ValidationError as exc:

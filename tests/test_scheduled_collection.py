@@ -16,10 +16,37 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from flows.deployments import (
+    RENAMED,
+    CollectionOptions,
+    DedupOptions,
+    FixedEps,
+    InputOptions,
+    ModelOptions,
+    StorageOptions,
+    TargetKeep,
+    TuningOptions,
+    build_config,
+)
+from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.demo import make_demo_embeddings
 from tests.test_deployment_e2e import BIN, REPO, _free_port, _post, _stop, _wait_healthy
 
-pytestmark = pytest.mark.e2e
+
+def test_every_run_option_is_in_exactly_one_group():
+    """The grouped form reaches every RunConfig option, once, and builds the same config."""
+    groups = [InputOptions, StorageOptions, ModelOptions, DedupOptions, TuningOptions, CollectionOptions, FixedEps, TargetKeep]
+    names = [RENAMED.get(n, n) for g in groups for n in g.model_fields if n != "threshold"]
+    assert sorted(names) == sorted(RunConfig.model_fields)
+
+    config = build_config(
+        InputOptions(urls=["in/*.parquet"]), StorageOptions(output="out"), DedupOptions(threshold={"target_keep": 0.7}, seed=7),
+        CollectionOptions(enabled=True, against="all"),
+    )
+    assert config == RunConfig(input=["in/*.parquet"], output="out", target_keep=0.7, seed=7, collection=True, against="all")
+    assert build_config(InputOptions(urls=["x"]), StorageOptions(output="o"), DedupOptions()).effective_eps == 0.05
+    with pytest.raises(ConfigError, match="options of a collection"):
+        build_config(InputOptions(urls=["x"]), StorageOptions(output="o"), CollectionOptions(refit=True))
 
 
 def _request(method: str, url: str, body: dict | list | None = None) -> tuple[int, object]:
@@ -68,6 +95,7 @@ def server(tmp_path_factory):
         _stop(proc)
 
 
+@pytest.mark.e2e
 def test_nightly_form_is_grouped_and_the_server_refuses_eps_with_target_keep(server):
     api, nightly = server["api"], server["nightly"]
     schema = nightly["parameter_openapi_schema"]
@@ -117,6 +145,7 @@ def _generations(collection: Path) -> list[dict] | None:
     return json.loads(path.read_text())["generations"] if path.exists() else None
 
 
+@pytest.mark.e2e
 def test_scheduled_runs_add_generations_to_the_collection(server, tmp_path):
     api, env, nightly = server["api"], server["env"], server["nightly"]
     source = make_demo_embeddings(tmp_path / "source", n_base=600, n_planted=150, dim=32, topics=8, shards=2)
