@@ -112,7 +112,7 @@ def test_nightly_form_is_grouped_and_the_server_refuses_eps_with_target_keep(ser
     # The deployment's own parameters make it a collection run.
     assert nightly["parameters"]["collection"] == {"enabled": True}
     assert nightly["enforce_parameter_schema"] is True
-    assert nightly["concurrency_limit"] == 1 or nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert [s["active"] for s in nightly["schedules"]] == [False]
 
