@@ -1,26 +1,34 @@
 """End to end on precomputed embeddings (default 1,000,000 x 512, k=1000, eps=0.05). Goal: <= 90 s on 2 cores.
 
-Two runs over the same cached input, each in a fresh Python subprocess, each into its own
-output folder (removed first, so nothing is resumed):
+Runs over the same cached input, each in a fresh Python subprocess, each into its own output
+folder (removed first, so nothing is resumed):
 
-(a) ``flow``    the Prefect flow ``flows.dedup_flow.semdedup_flow`` on ephemeral Prefect
-                (PREFECT_SERVER_ANALYTICS_ENABLED=false, PREFECT_LOGGING_LEVEL=WARNING); total wall
-                time of the call (Prefect's start-up included) and the per-stage wall times from
-                result/summary.json's stage_seconds (finalize from run.json).
-(b) ``direct``  the same stages called directly through semdedup_core, no Prefect: plan_run,
-                partitions.fit_centroids, partitions.assign_shard per shard,
-                partitions.collect_partitions, dedup.score_bucket per bucket, results.finalize,
-                as semdedup_core.run.dag.run_pipeline runs them.
+(a) ``flow``    the Prefect flow ``flows.dedup_flow.semdedup_flow`` on ephemeral Prefect, with the
+                CLI's Prefect environment defaults (flows.cli._prepare_environment); wall time of
+                the call (Prefect's start-up included, imports not).
+(b) ``direct``  ``semdedup_core.run.dag.run_pipeline(cfg)``: the same DAG in this process, no
+                Prefect (thread counts set per unit by run_step, by the flow's rule).
+(c) ``cli``     with --cli: what ``semdedup run`` does after parsing: flows.cli.execute (its own
+                plan before the flow, Prefect's server started meanwhile), everything imported
+                when the CLI would import it; compare its process wall with (b)'s.
 
-Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall, the peak
-RSS of each run's process (VmHWM; for the flow also Prefect's ephemeral API server subprocess),
-and checks that both runs keep exactly the same ids (exit code 1 if not).
+Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall (and by
+process wall, imports included), the peak RSS of each run's process (VmHWM; for the flow also
+Prefect's ephemeral API server subprocess), and checks that every run keeps exactly the same ids
+and removes the same (id, dup_of) rows (exit code 1 if not).
+
+Where the flow's extra time goes: each run's timeline, in seconds since its process started:
+imports, start-up (the call to the first stage: the ephemeral API server's start, the flow run's
+creation), the stages (run_dag's StageClock, marked), and after the last stage; at each mark the
+CPU seconds of the process and of its child processes (the API server), and at the end the CPU
+seconds of the process's live threads by name.
 
 The input (seeded parquet shards: ``id`` string + ``embedding`` list<float32>, clustered data with
 lognormal topic sizes, 5 % planted near-copies, 0.5 % exact copies) is generated once into --data
 and reused when its parameters match; generating it is not timed.
 
     .venv/bin/python benchmarks/bench_end_to_end.py --n 200000 --clusters 200 --json /tmp/e2e.json
+    .venv/bin/python benchmarks/bench_end_to_end.py --data /tmp/semdedup-1m --cli --json /tmp/e2e-1m.json
 """
 
 from __future__ import annotations
