@@ -1,26 +1,34 @@
 """End to end on precomputed embeddings (default 1,000,000 x 512, k=1000, eps=0.05). Goal: <= 90 s on 2 cores.
 
-Two runs over the same cached input, each in a fresh Python subprocess, each into its own
-output folder (removed first, so nothing is resumed):
+Runs over the same cached input, each in a fresh Python subprocess, each into its own output
+folder (removed first, so nothing is resumed):
 
-(a) ``flow``    the Prefect flow ``flows.dedup_flow.semdedup_flow`` on ephemeral Prefect
-                (PREFECT_SERVER_ANALYTICS_ENABLED=false, PREFECT_LOGGING_LEVEL=WARNING); total wall
-                time of the call (Prefect's start-up included) and the per-stage wall times from
-                result/summary.json's stage_seconds (finalize from run.json).
-(b) ``direct``  the same stages called directly through semdedup_core, no Prefect: plan_run,
-                partitions.fit_centroids, partitions.assign_shard per shard,
-                partitions.collect_partitions, dedup.score_bucket per bucket, results.finalize,
-                as semdedup_core.run.dag.run_pipeline runs them.
+(a) ``flow``    the Prefect flow ``flows.dedup_flow.semdedup_flow`` on ephemeral Prefect, with the
+                CLI's Prefect environment defaults (flows.cli._prepare_environment); wall time of
+                the call (Prefect's start-up included, imports not).
+(b) ``direct``  ``semdedup_core.run.dag.run_pipeline(cfg)``: the same DAG in this process, no
+                Prefect (thread counts set per unit by run_step, by the flow's rule).
+(c) ``cli``     with --cli: what ``semdedup run`` does after parsing: flows.cli.execute (its own
+                plan before the flow, Prefect's server started meanwhile), everything imported
+                when the CLI would import it; compare its process wall with (b)'s.
 
-Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall, the peak
-RSS of each run's process (VmHWM; for the flow also Prefect's ephemeral API server subprocess),
-and checks that both runs keep exactly the same ids (exit code 1 if not).
+Reports the wall times, Prefect's overhead share = (flow wall - direct wall) / flow wall (and by
+process wall, imports included), the peak RSS of each run's process (VmHWM; for the flow also
+Prefect's ephemeral API server subprocess), and checks that every run keeps exactly the same ids
+and removes the same (id, dup_of) rows (exit code 1 if not).
+
+Where the flow's extra time goes: each run's timeline, in seconds since its process started:
+imports, start-up (the call to the first stage: the ephemeral API server's start, the flow run's
+creation), the stages (run_dag's StageClock, marked), and after the last stage; at each mark the
+CPU seconds of the process and of its child processes (the API server), and at the end the CPU
+seconds of the process's live threads by name.
 
 The input (seeded parquet shards: ``id`` string + ``embedding`` list<float32>, clustered data with
 lognormal topic sizes, 5 % planted near-copies, 0.5 % exact copies) is generated once into --data
 and reused when its parameters match; generating it is not timed.
 
     .venv/bin/python benchmarks/bench_end_to_end.py --n 200000 --clusters 200 --json /tmp/e2e.json
+    .venv/bin/python benchmarks/bench_end_to_end.py --data /tmp/semdedup-1m --cli --json /tmp/e2e-1m.json
 """
 
 from __future__ import annotations
@@ -124,11 +132,97 @@ def _peaks_and_children() -> dict:
     return {"peak_rss": proc_status_bytes("VmHWM"), "ru_maxrss": maxrss_bytes(), "children": children}
 
 
+class Timeline:
+    """Wall-clock marks of one run and, at each, the CPU seconds of this process and of its
+    child processes (Prefect's ephemeral API server): where the flow's extra time goes."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self.process_start = self._me.create_time()
+        self.marks: list[dict] = []
+
+    def cpu(self) -> tuple[float, float]:
+        import psutil
+
+        own = self._me.cpu_times()
+        children = 0.0
+        for child in self._me.children(recursive=True):
+            try:
+                t = child.cpu_times()
+            except psutil.Error:  # exited meanwhile
+                continue
+            children += t.user + t.system
+        return own.user + own.system, children
+
+    @staticmethod
+    def thread_cpu() -> dict[str, float]:
+        """CPU seconds of this process's live threads by Python thread name; threads Python
+        does not know (OpenMP and BLAS workers, Prefect's finished threads are gone) as one."""
+        import threading
+
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            name = names.get(int(tid), "native threads (OpenMP, BLAS, ...)")
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def mark(self, name: str) -> None:
+        own, children = self.cpu()
+        self.marks.append({"mark": name, "t": time.time() - self.process_start, "own_cpu": own, "children_cpu": children})
+
+    def stage_clock(self):
+        """run_dag's StageClock, also marking each stage's start and end on this timeline."""
+        from contextlib import contextmanager
+
+        from semdedup_core.run.plan import StageClock
+
+        timeline = self
+
+        class MarkedStageClock(StageClock):
+            @contextmanager
+            def stage(self, name: str):
+                timeline.mark(f"{name} start")
+                with super().stage(name):
+                    yield
+                timeline.mark(f"{name} end")
+
+        return MarkedStageClock
+
+
+def _mark_stages(timeline: Timeline) -> None:
+    """run_dag's stages marked on the timeline. Must precede the first import of
+    semdedup_core.run.dag (it takes StageClock from plan at import), so that each run imports
+    torch and the rest when it would anyway."""
+    from semdedup_core.run import plan
+
+    assert "semdedup_core.run.dag" not in sys.modules
+    plan.StageClock = timeline.stage_clock()
+
+
+def _timed_run(run, cfg, timeline: Timeline) -> tuple[dict, dict]:
+    """``run(cfg)`` on the timeline: (summary, timeline facts)."""
+    timeline.mark("call")
+    summary = run(cfg)
+    timeline.mark("returned")
+    return summary, {"process_start": timeline.process_start, "marks": timeline.marks, "thread_cpu": timeline.thread_cpu()}
+
+
 def child_flow(args, output: Path) -> None:
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    from flows.cli import _prepare_environment
+
+    _prepare_environment(verbose=False)  # the CLI's Prefect defaults (users can override them)
     if args.prefect_home:
         os.environ["PREFECT_HOME"] = args.prefect_home
+    timeline = Timeline()
+    _mark_stages(timeline)
     t_import = time.perf_counter()
     from flows.dedup_flow import semdedup_flow
     from semdedup_core.storage import read_json
@@ -137,7 +231,7 @@ def child_flow(args, output: Path) -> None:
     shutil.rmtree(output, ignore_errors=True)
     cfg = _config(args, output)
     start = time.perf_counter()
-    summary = semdedup_flow(config=cfg)
+    summary, timeline = _timed_run(lambda c: semdedup_flow(config=c), cfg, timeline)
     wall = time.perf_counter() - start
     stages = dict(read_json(str(output / "result" / "summary.json"))["stage_seconds"])
     try:
@@ -152,43 +246,78 @@ def child_flow(args, output: Path) -> None:
             "wall": wall,
             "import_seconds": import_seconds,
             "stage_seconds": stages,
-            "n_kept": summary["n_kept"],
-            "n_removed": summary["n_removed"],
-            "n_failed": summary["n_failed"],
-            "clusters": summary["clusters"],
-            "buckets": summary["buckets"],
+            "timeline": timeline,
+            "prefect_env": {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")},
+            "n_kept": summary.n_kept,
+            "n_removed": summary.n_removed,
+            "n_failed": summary.n_failed,
+            "clusters": summary.clusters,
+            "buckets": summary.buckets,
             **_peaks_and_children(),
         }
     )
 
 
 def child_direct(args, output: Path) -> None:
-    """The same stages without Prefect: semdedup_core.run.dag.run_pipeline."""
+    """The same DAG without Prefect: semdedup_core.run.dag.run_pipeline (thread counts set per
+    unit by run_step, by the same rule as the flow's tasks)."""
+    timeline = Timeline()
+    _mark_stages(timeline)
     t_import = time.perf_counter()
-    import faiss
-    import torch
-
     from semdedup_core.run.dag import run_pipeline
 
     import_seconds = time.perf_counter() - t_import
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)  # what the flow's configure_compute does for workers=1
-    faiss.omp_set_num_threads(threads)
     shutil.rmtree(output, ignore_errors=True)
+    cfg = _config(args, output)
     start = time.perf_counter()
-    summary = run_pipeline(_config(args, output))
+    summary, timeline = _timed_run(run_pipeline, cfg, timeline)
     wall = time.perf_counter() - start
     _emit(
         {
             "run": "direct",
             "wall": wall,
             "import_seconds": import_seconds,
-            "stage_seconds": summary["stage_seconds"] | {"finalize": json.loads((output / "run.json").read_text())["stages"]["finalize"]["seconds"]},
-            "n_kept": summary["n_kept"],
-            "n_removed": summary["n_removed"],
-            "n_failed": summary["n_failed"],
-            "clusters": summary["clusters"],
-            "buckets": summary["buckets"],
+            "stage_seconds": summary.stage_seconds | {"finalize": json.loads((output / "run.json").read_text())["stages"]["finalize"]["seconds"]},
+            "timeline": timeline,
+            "n_kept": summary.n_kept,
+            "n_removed": summary.n_removed,
+            "n_failed": summary.n_failed,
+            "clusters": summary.clusters,
+            "buckets": summary.buckets,
+            **_peaks_and_children(),
+        }
+    )
+
+
+def child_cli(args, output: Path) -> None:
+    """What ``semdedup run`` does after parsing its options: flows.cli.execute (its finished-run
+    check and plan, then the flow), everything imported when the CLI imports it."""
+    os.environ["SEMDEDUP_LOG_DIR"] = str(output.parent / "cli-logs")
+    if args.prefect_home:
+        os.environ["PREFECT_HOME"] = args.prefect_home
+    timeline = Timeline()
+    _mark_stages(timeline)
+    t_import = time.perf_counter()
+    from flows.cli import RunLog, execute
+
+    import_seconds = time.perf_counter() - t_import
+    shutil.rmtree(output, ignore_errors=True)
+    cfg = _config(args, output)
+    start = time.perf_counter()
+    summary, timeline = _timed_run(lambda c: execute(c, RunLog()), cfg, timeline)
+    wall = time.perf_counter() - start
+    _emit(
+        {
+            "run": "cli",
+            "wall": wall,
+            "import_seconds": import_seconds,
+            "stage_seconds": summary.stage_seconds | {"finalize": json.loads((output / "run.json").read_text())["stages"]["finalize"]["seconds"]},
+            "timeline": timeline,
+            "n_kept": summary.n_kept,
+            "n_removed": summary.n_removed,
+            "n_failed": summary.n_failed,
+            "clusters": summary.clusters,
+            "buckets": summary.buckets,
             **_peaks_and_children(),
         }
     )
@@ -250,6 +379,33 @@ def removed_rows(output: Path):
     return sorted(zip(t.column("id").to_pylist(), t.column("dup_of").to_pylist()))
 
 
+def timeline_breakdown(result: dict) -> dict:
+    """Seconds since the process started: start-up (to the first stage, the plan), the stages,
+    after the last stage; with the CPU seconds this process and its children (Prefect's API
+    server) spent in each part, and per stage."""
+    marks = {m["mark"]: m for m in result["timeline"]["marks"]}
+    order = result["timeline"]["marks"]
+    first = next(m for m in order if m["mark"].endswith(" start"))
+    last = [m for m in order if m["mark"].endswith(" end")][-1]
+    call, returned = marks["call"], marks["returned"]
+
+    def part(a: dict, b: dict) -> dict:
+        return {"wall": b["t"] - a["t"], "own_cpu": b["own_cpu"] - a["own_cpu"], "server_cpu": b["children_cpu"] - a["children_cpu"]}
+
+    stages = {}
+    for m in order:
+        if m["mark"].endswith(" start"):
+            name = m["mark"][: -len(" start")]
+            stages[name] = part(m, marks[f"{name} end"])
+    return {
+        "imports_and_setup": {"wall": call["t"], "own_cpu": call["own_cpu"], "server_cpu": call["children_cpu"]},
+        "startup": part(call, first),  # the call to the first stage: Prefect's server start, the flow run's creation
+        "stages": part(first, last),
+        "after": part(last, returned),  # the last stage's end to the call's return
+        "per_stage": stages,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="items (default 1000000)")
@@ -265,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefect-home", help="PREFECT_HOME for the flow run (default: the user's, as the CLI uses)")
     p.add_argument("--repeats", type=int, default=1, help="(flow, direct) pairs to run, alternating (default 1); medians reported")
     p.add_argument("--order", choices=["flow-first", "direct-first"], default="flow-first", help="which run goes first in each pair")
+    p.add_argument("--cli", action="store_true", help="also (c): the CLI's execute (its own plan, then the flow), after the pair")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--_child", choices=["generate", "flow", "direct"], help=argparse.SUPPRESS)
+    p.add_argument("--_child", choices=["generate", "flow", "direct", "cli"], help=argparse.SUPPRESS)
     p.add_argument("--_output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -279,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     if args._child == "direct":
         child_direct(args, Path(args._output))
         return 0
+    if args._child == "cli":
+        child_cli(args, Path(args._output))
+        return 0
 
     info = machine_info()
     print(f"# bench_end_to_end  {info['cpu_model']}, {info['cores']} cores, {info['mem_total_gib']} GiB, {info['date']}")
@@ -286,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     payload["data"] = ensure_data(args)
     tmp = None
     out = Path(args.out) if args.out else Path(tmp := tempfile.mkdtemp(prefix="semdedup-bench-e2e-"))
-    runs: dict[str, list[dict]] = {"flow": [], "direct": []}
+    order = ["flow", "direct"] if args.order == "flow-first" else ["direct", "flow"]
+    order += ["cli"] if args.cli else []
+    runs: dict[str, list[dict]] = {role: [] for role in order}
     identical = True
     try:
-        order = ["flow", "direct"] if args.order == "flow-first" else ["direct", "flow"]
         for r in range(args.repeats):
             for role in order:
                 res = run_child(args, role, out / role)
@@ -299,10 +460,11 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-            kept_flow, kept_direct = kept_ids(out / "flow"), kept_ids(out / "direct")
-            same_kept = sorted(kept_flow) == sorted(kept_direct) and len(set(kept_flow)) == len(kept_flow)
-            same_removed = removed_rows(out / "flow") == removed_rows(out / "direct")
-            identical = identical and same_kept and same_removed
+            kept_direct, removed_direct = sorted(kept_ids(out / "direct")), removed_rows(out / "direct")
+            for role in order:
+                kept = kept_ids(out / role)
+                same = sorted(kept) == kept_direct and len(set(kept)) == len(kept) and removed_rows(out / role) == removed_direct
+                identical = identical and same
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -310,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     payload["runs"] = runs
     med = {role: statistics.median(r["wall"] for r in rs) for role, rs in runs.items()}
     overhead = (med["flow"] - med["direct"]) / med["flow"]
+    process = {role: statistics.median(r["process_wall"] for r in rs) for role, rs in runs.items()}
     payload["median_wall"] = med
+    payload["median_process_wall"] = process
     payload["prefect_overhead_share"] = overhead
+    payload["prefect_overhead_share_process"] = {role: (process[role] - process["direct"]) / process[role] for role in runs if role != "direct"}
     payload["identical_kept_and_removed"] = identical
     payload["goal_seconds"] = GOAL_SECONDS
 
@@ -319,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     # Medians over the repeats; peak RSS and other-process cores: the maximum over the repeats.
     header = ["run", "items", "k", "shards", "buckets", "wall s", *[f"{s} s" for s in stage_names], "process wall s", "peak RSS GiB", "kept", "removed", "other-process cores"]
     rows = []
-    for role in ("flow", "direct"):
+    labels = {"flow": "(a) Prefect flow", "direct": "(b) direct semdedup_core", "cli": "(c) CLI execute (plan, then the flow)"}
+    for role in runs:
         last = runs[role][-1]
         peak = gib(max(r["peak_rss"] for r in runs[role]))
         servers = [c["peak_rss"] for r in runs[role] for c in r.get("children", {}).values() if c["peak_rss"]]
@@ -327,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             peak += f" (+ Prefect server {gib(max(servers))})"
         rows.append(
             [
-                "(a) Prefect flow" if role == "flow" else "(b) direct semdedup_core",
+                labels[role],
                 args.n,
                 last["clusters"],
                 args.shards,
@@ -344,21 +510,35 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(header, rows)
     print()
-    for role in ("flow", "direct"):
+    for role in runs:
         for i, r in enumerate(runs[role]):
             stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["stage_seconds"].items(), key=lambda kv: stage_order(kv[0])))
             print(
                 f"  {role} run {i + 1}: wall {r['wall']:.1f} s (stages: {stages}; outside the stages {r['wall'] - sum(r['stage_seconds'].values()):.1f}), "
                 f"imports {r['import_seconds']:.1f} s, process {r['process_wall']:.1f} s, peak RSS {gib(r['peak_rss'])} GiB"
             )
+    print()
+    print("Timeline (s since the process started; CPU s of this process / of its child processes, i.e. Prefect's API server):")
+    for role in runs:
+        for i, r in enumerate(runs[role]):
+            b = r["breakdown"] = timeline_breakdown(r)
+            parts = ", ".join(
+                f"{name} {b[name]['wall']:.1f} s (cpu {b[name]['own_cpu']:.1f} / {b[name]['server_cpu']:.1f})" for name in ("startup", "stages", "after")
+            )
+            print(f"  {role} run {i + 1}: imports {b['imports_and_setup']['wall']:.1f} s, call -> {parts}")
+            print("    per stage: " + ", ".join(f"{k} {v['wall']:.1f} s (cpu {v['own_cpu']:.1f} / {v['server_cpu']:.1f})" for k, v in b["per_stage"].items()))
+            threads = sorted(r["timeline"]["thread_cpu"].items(), key=lambda kv: -kv[1])
+            print("    CPU s by thread: " + ", ".join(f"{k} {v:.1f}" for k, v in threads if v >= 0.05))
     print(f"Prefect overhead share (flow wall - direct wall) / flow wall = {overhead * 100:.1f} %")
+    for role, share in payload["prefect_overhead_share_process"].items():
+        print(f"  by process wall (imports and Python start-up included): ({role} - direct) / {role} = {share * 100:.1f} %")
     print(f"flow wall {med['flow']:.1f} s vs goal <= {GOAL_SECONDS:.0f} s: {'met' if med['flow'] <= GOAL_SECONDS else 'NOT met'}"
           + ("" if args.n == 1_000_000 else f" (goal is for 1,000,000 items; this run has {args.n})"))
     if identical:
-        print("kept and removed (id, dup_of) sets identical between the flow and the direct run: OK")
+        print(f"kept and removed (id, dup_of) sets identical between the runs ({', '.join(order)}): OK")
     else:
-        print("KEPT/REMOVED SETS DIFFER between the flow and the direct run", file=sys.stderr)
-        print("KEPT/REMOVED SETS DIFFER between the flow and the direct run")
+        print("KEPT/REMOVED SETS DIFFER between the runs", file=sys.stderr)
+        print("KEPT/REMOVED SETS DIFFER between the runs")
     payload["loadavg_end"] = os.getloadavg()
     write_json(args.json, payload)
     return 0 if identical else 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -77,6 +78,37 @@ def _prepare_environment(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class EphemeralServerStart:
+    """Prefect's embedded API server spends ~10 CPU seconds starting (imports in this process
+    and in its own, the database check). Started on a thread, it starts on the other core while
+    this process plans the run and imports the flow, instead of after them. :meth:`wait`
+    before the flow talks to Prefect; a failure to start is raised there, as the flow would
+    raise it. Nothing starts when PREFECT_API_URL names a server. A refused run exits with
+    the server still starting: Prefect stops it at exit."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="semdedup-prefect-server-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                return  # a running server, or none allowed: the flow says so itself
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the one instance the flow's client uses
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _log_folder() -> Path:
@@ -298,6 +330,10 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
         if finished is not None:
             console.print(f"{cfg.output} holds this run, finished: its stored summary (nothing to do).", soft_wrap=True, markup=False, highlight=False)
             return finished
+    # Planning and Prefect's start overlap; a collection run often finds nothing new and
+    # needs no server at all.
+    server = None if cfg.collection else EphemeralServerStart()
+    if cfg.storage_block is None:
         from semdedup_core.run.collection import NothingNew, nothing_new_summary
         from semdedup_core.run.plan import plan_run
 
@@ -311,6 +347,8 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
 
     flow = semdedup_flow.with_options(on_running=[_print_ui_url])
     labels = ["semdedup", f"output:{cfg.output}"[:_MAX_TAG], *(f"input:{url}"[:_MAX_TAG] for url in cfg.input[:_MAX_INPUT_TAGS])]
+    if server is not None:
+        server.wait()
     if runner is None or runner.kind == "threads":
         with tags(*labels):
             return flow(config=cfg)

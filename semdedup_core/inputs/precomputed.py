@@ -223,11 +223,19 @@ def _agree_dimension(shards: list[Shard], lengths: dict[int, Counter], uniform: 
     return dim
 
 
-def _open_parquet(url: str) -> pq.ParquetFile:
+# Read size of a streaming reader (see _open_parquet).
+STREAM_BUFFER_BYTES = 2**20
+
+
+def _open_parquet(url: str, streaming: bool = False) -> pq.ParquetFile:
+    """The parquet file at ``url``. ``streaming``: for reading a few rows only: pages are read
+    as they are decoded, not each column chunk whole first (a 512-dim shard of 100,000 rows has
+    a 200 MB chunk)."""
     check_url_text(url)
     fs, path = filesystem(url)
+    options = {"pre_buffer": False, "buffer_size": STREAM_BUFFER_BYTES} if streaming else {}
     try:
-        return with_retries("open", url, lambda: pq.ParquetFile(fs.open(path, "rb")))
+        return with_retries("open", url, lambda: pq.ParquetFile(fs.open(path, "rb"), **options))
     except Exception as exc:  # noqa: BLE001 - any reader error means the shard is unreadable
         raise InputError(f"{url}: unreadable parquet shard ({one_line(exc)})") from exc
 
@@ -238,7 +246,7 @@ DIMENSION_SAMPLE_ROWS = 4096
 
 def _discover_parquet(url: str, cfg: RunConfig, index: int) -> tuple[Shard, Counter, bool]:
     """The shard, the embedding lengths of its first rows, and whether they are fixed-size lists."""
-    pf = _open_parquet(url)
+    pf = _open_parquet(url, streaming=True)
     schema = pf.schema_arrow
     id_col = cfg.id_column or "id"
     wanted = [id_col, cfg.embedding_column, *(_metadata_names(cfg))]
@@ -400,7 +408,10 @@ def _ids_as_strings(ids: pa.Array, shard: Shard, start: int) -> pa.Array:
 
 def first_duplicate_id(per_shard_ids: list[pa.Array]) -> tuple[str, int] | None:
     """A duplicated id across the shards' ids and how many other ids are duplicated, or None."""
-    counts = pc.value_counts(pa.chunked_array(per_shard_ids, type=pa.string()))
+    ids = pa.chunked_array(per_shard_ids, type=pa.string())
+    if len(pc.unique(ids)) == len(ids):  # the common case, and twice as fast as counting
+        return None
+    counts = pc.value_counts(ids)
     dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
     return (dup[0]["values"].as_py(), len(dup) - 1) if len(dup) else None
 
