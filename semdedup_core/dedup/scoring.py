@@ -101,7 +101,10 @@ def load_earlier(plan: RunPlan, bucket: int, clusters: np.ndarray) -> EarlierIte
         kept_ids.append(_resolve_kept(scores, ids, kept_ids))
     all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
     all_kept = pa.concat_arrays(kept_ids) if kept_ids else pa.array([], pa.string())
-    all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, plan.dim), np.float32)
+    if len(vectors) == 1:  # a collection's first generation: no copy of the base's vectors
+        all_vectors = vectors[0]
+    else:
+        all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, plan.dim), np.float32)
     all_clusters = np.concatenate(cluster_of) if cluster_of else np.zeros(0, np.int32)
     judged = np.ones(len(all_ids), bool)
     if plan.config.against == "kept":
@@ -114,17 +117,28 @@ def _resolve_kept(scores: pa.Table, earlier_ids: list[pa.Array], earlier_kept: l
     """kept_id of one earlier run's scored items: itself when kept, else its dup_of's, which
     is in this run or an earlier one (loaded before it)."""
     ids = scores.column("id").combine_chunks()
-    kept = scores.column("kept").to_numpy(zero_copy_only=False)
-    known_ids = pa.concat_arrays(earlier_ids[:-1]) if len(earlier_ids) > 1 else pa.array([], pa.string())
-    known_kept = pa.concat_arrays(earlier_kept) if earlier_kept else pa.array([], pa.string())
+    removed = ~scores.column("kept").to_numpy(zero_copy_only=False)
     dup_of = scores.column("dup_of").combine_chunks()
-    out = ids.to_pylist()
-    position = {v: i for i, v in enumerate(out)}
-    before = dict(zip(known_ids.to_pylist(), known_kept.to_pylist()))
-    for i in np.flatnonzero(~kept):  # in keep order: a dup_of in this run is resolved before its copies
-        target = dup_of[i].as_py()
-        out[i] = out[position[target]] if target in position else before[target]
-    return pa.array(out, pa.string())
+    target = pc.fill_null(pc.index_in(dup_of, value_set=ids), -1).to_numpy(zero_copy_only=False)
+    row = np.arange(len(ids))
+    here = removed & (target >= 0)
+    if np.any(target[here] >= row[here]):  # keep order puts a dup_of before its copies
+        raise RuntimeError("an earlier run's dup_of follows its copy; the collection's run is damaged")
+    # Each removed item points at its dup_of in this run; follow the pointers (doubling) to a
+    # row that is kept or whose dup_of is in an earlier run.
+    pointer = np.where(here, target, row)
+    while not np.array_equal(follow := pointer[pointer], pointer):
+        pointer = follow
+    before = removed & (target < 0)
+    root = ids
+    if before.any():
+        known_ids = pa.concat_arrays(earlier_ids[:-1]) if len(earlier_ids) > 1 else pa.array([], pa.string())
+        known_kept = pa.concat_arrays(earlier_kept) if earlier_kept else pa.array([], pa.string())
+        at = pc.index_in(dup_of.filter(pa.array(before)), value_set=known_ids)
+        if at.null_count:
+            raise RuntimeError("an earlier run's dup_of is in none of the runs before it; the collection's run is damaged")
+        root = pc.replace_with_mask(ids, pa.array(before), known_kept.take(at))
+    return root.take(pa.array(pointer))
 
 
 def iter_against_earlier(plan: RunPlan, data: BucketData, earlier: EarlierItems) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
@@ -134,8 +148,13 @@ def iter_against_earlier(plan: RunPlan, data: BucketData, earlier: EarlierItems)
     stops = np.r_[data.starts[1:], n]
     for cluster, lo, hi in zip(data.clusters, data.starts, stops):
         keys = earlier.rows[int(cluster)]
-        y = np.concatenate([earlier.vectors[keys], data.vectors[lo:hi]]) if len(keys) else data.vectors[lo:hi]
-        scores = cluster_max_sim(y, tile_size=plan.config.tile_size, device=plan.device, first_query=len(keys))
+        y = np.empty((len(keys) + hi - lo, data.vectors.shape[1]), np.float32)
+        np.take(earlier.vectors, keys, axis=0, out=y[: len(keys)])
+        y[len(keys) :] = data.vectors[lo:hi]
+        # A tile no larger than the cluster: the same tiles (one key tile, then the queries), but
+        # the kernel's per-call tile buffers shrink to the cluster's size.
+        tile = min(plan.config.tile_size, len(y))
+        scores = cluster_max_sim(y, tile_size=tile, device=plan.device, first_query=len(keys))
         local = scores.dup_of[len(keys) :]
         to_new, to_earlier = local >= len(keys), (local >= 0) & (local < len(keys))
         dups = np.full(len(local), -1, np.int64)
