@@ -176,7 +176,7 @@ def test_changed_input_on_resume_is_refused_naming_it_and_fresh_redoes(tmp_path,
     with single_thread():
         first = run_pipeline(cfg)
         again = run_pipeline(cfg)  # unchanged inputs: a no-op re-run resumes
-    assert again["n_kept"] == first["n_kept"]
+    assert again.n_kept == first.n_kept
     recorded = json.loads((out / "run.json").read_text())["fingerprints"]
     assert sorted(recorded) == [str(data / "part-0.parquet"), str(data / "part-1.parquet")]
     before = snapshot(out)
@@ -190,7 +190,7 @@ def test_changed_input_on_resume_is_refused_naming_it_and_fresh_redoes(tmp_path,
         run_pipeline(cfg.model_copy(update={"on_existing": "fresh"}))
         clean = run_pipeline(RunConfig(input=[str(data)], output=str(tmp_path / "clean"), **CFG))
     assert RunResults(out).decisions() == RunResults(tmp_path / "clean").decisions()
-    assert clean["n_input"] == 60
+    assert clean.n_input == 60
 
 
 def test_changed_input_on_s3_is_refused_naming_it(moto_s3, tmp_path, shards):
