@@ -252,14 +252,16 @@ def test_a_successful_run_keeps_stderr_clean_and_a_finished_rerun_skips_prefect(
     for noise in ("Error flushing events", "CancelledError", "Traceback"):
         assert noise not in first.stdout
     logs = sorted(log_dir.glob("*.log"))
-    assert len(logs) == 1 and "Starting temporary server" in logs[0].read_text()  # Prefect's logs went to the log
+    # Prefect's logs went to the log (the server may start before Prefect's logging is set up,
+    # on the CLI's early-start thread: its stop is always logged)
+    assert len(logs) == 1 and "temporary server on http" in logs[0].read_text()
     summary = (out / "result" / "summary.json").read_text()
 
     again = cli(args, tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stderr == "" and "nothing to do" in again.stdout
     new_logs = sorted(set(log_dir.glob("*.log")) - set(logs))
-    assert len(new_logs) == 1 and "Starting temporary server" not in new_logs[0].read_text()
+    assert len(new_logs) == 1 and "temporary server" not in new_logs[0].read_text()
     assert (out / "result" / "summary.json").read_text() == summary
     # a changed result-defining option or input is not "finished": it is refused as before
     one_error_line(cli([*args[:-1], "9"], tmp_path), 2, "different configuration", "clusters")
