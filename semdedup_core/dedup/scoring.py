@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask
 from semdedup_core.dedup.ordering import cluster_order
 from semdedup_core.dedup.partitions import BucketData, load_bucket
-from semdedup_core.run.plan import RunPlan, load_plan
+from semdedup_core.run.plan import PlanRef, RunPlan, load_plan
 from semdedup_core.run.stage_results import BucketScores, PartitionIndex
 from semdedup_core.storage import exists, read_json, read_parquet, write_parquet
 
@@ -89,8 +90,7 @@ def load_earlier(plan: RunPlan, bucket: int, clusters: np.ndarray) -> EarlierIte
     ids, kept_ids, vectors, cluster_of = [], [], [], []
     for ref in plan.earlier:
         run = load_plan(ref)
-        index = PartitionIndex.model_validate(read_json(run.layout.partition_index))
-        data = load_bucket(run, index.buckets[bucket], order_function(run), only_clusters=clusters)
+        data = load_bucket(run, _partition_index(ref).buckets[bucket], order_function(run), only_clusters=clusters)
         scores = read_parquet(run.layout.scores(bucket), columns=["id", "cluster", "dup_of", "kept"])
         scores = scores.filter(pc.is_in(scores.column("cluster"), value_set=pa.array(clusters.astype(np.int32))))
         if not scores.column("id").combine_chunks().equals(data.ids):
@@ -111,6 +111,13 @@ def load_earlier(plan: RunPlan, bucket: int, clusters: np.ndarray) -> EarlierIte
         judged = pc.equal(all_ids, all_kept).to_numpy(zero_copy_only=False)
     rows = {int(c): np.flatnonzero((all_clusters == c) & judged) for c in clusters}  # run order, then keep order
     return EarlierItems(all_ids, all_kept, all_vectors, rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _partition_index(ref: PlanRef) -> PartitionIndex:
+    """A committed earlier run's partition index, read once per process rather than once per
+    bucket of every generation (committed runs never change)."""
+    return PartitionIndex.model_validate(read_json(load_plan(ref).layout.partition_index))
 
 
 def _resolve_kept(scores: pa.Table, earlier_ids: list[pa.Array], earlier_kept: list[pa.Array]) -> pa.Array:
