@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from semdedup_core.dedup.partitions import FAILED_SCHEMA
 from semdedup_core.run.plan import RunPlan, package_versions
-from semdedup_core.run.stage_results import PartitionIndex, RunSummary, SourceCounts, TuningResult, Written, WrittenShard
+from semdedup_core.run.stage_results import PartitionIndex, RunSummary, SimilarityHistogram, SourceCounts, TuningResult, Written, WrittenShard
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
 from semdedup_core.dedup.tuning import target_miss_warning
@@ -42,6 +42,8 @@ _SPILL_SCHEMA = pa.schema(
     [("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("kept_id", pa.string()), ("shard", pa.int32()), ("row", pa.int64())]
 )
 _SPILL_FLUSH_ROWS = 131072
+# result/similarity.json: bins of 1e-4 over the whole cosine range.
+_HISTOGRAM_LOWER, _HISTOGRAM_WIDTH, _HISTOGRAM_BINS = -1.0, 1e-4, 20000
 
 
 def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: dict[str, float]) -> RunSummary:
@@ -76,6 +78,8 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
     spill_groups: dict[int, list[int]] = {}  # shard -> row groups of the spill file
     n_kept = n_removed = 0
     top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
+    histogram = np.zeros(_HISTOGRAM_BINS, np.int64)
+    n_first = 0
     with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed_spill, _SPILL_SCHEMA) as spill_w:
         spill = _Spill(spill_w, spill_groups)
         for bucket in range(plan.buckets):
@@ -84,6 +88,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
             shard, row = where.column("shard").take(at), where.column("row").take(at)
             kept_mask = scores.column("kept")
+            n_first += _add_to_histogram(histogram, scores.column("max_sim"))
             kept_id = _kept_ids(scores, read_parquet(layout.scores_earlier(bucket)) if plan.earlier else None)
             kept_w.write_table(scores.filter(kept_mask).select(["id"]).cast(KEPT_SCHEMA))
             kept_per_shard += np.bincount(shard.filter(kept_mask).to_numpy(), minlength=n_shards)
@@ -124,6 +129,8 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
 
     n_embedded = n_kept + n_removed
     n_exact = exact.removed.num_rows
+    similarity = SimilarityHistogram(lower=_HISTOGRAM_LOWER, width=_HISTOGRAM_WIDTH, counts=histogram.tolist(), n_first=n_first, n_exact=n_exact)
+    write_json(layout.similarity, similarity.model_dump(mode="json"))
     n_removed += n_exact
     n_failed = failed.num_rows
     if n_kept + n_removed + n_failed != plan.n_input:
@@ -163,6 +170,15 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
     top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
     write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
     return summary
+
+
+def _add_to_histogram(histogram: np.ndarray, max_sim: pa.ChunkedArray) -> int:
+    """Count a bucket's max_sim into ``histogram``; returns how many had none (first in cluster)."""
+    values = max_sim.to_numpy(zero_copy_only=False).astype(np.float64)
+    defined = values[np.isfinite(values)]
+    bins = np.clip(np.floor((defined - _HISTOGRAM_LOWER) / _HISTOGRAM_WIDTH).astype(np.int64), 0, len(histogram) - 1)
+    histogram += np.bincount(bins, minlength=len(histogram))
+    return len(values) - len(defined)
 
 
 class _Spill:

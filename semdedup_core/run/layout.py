@@ -18,11 +18,11 @@ _ARTIFACTS = {
     "scan": re.compile(rf"{_SHARD}\.(?:parquet|json)"),
     "exact": re.compile(r"duplicates\.parquet|index\.json"),
     "embeddings": re.compile(rf"{_SHARD}(?:\.failed)?\.parquet|{_SHARD}\.json"),
-    "clustering": re.compile(r"centroids\.npy|bucket_of_cluster\.npy|fit\.json"),
+    "clustering": re.compile(r"centroids\.npy|bucket_of_cluster\.npy|fit\.json|recall\.json"),
     "partitions": re.compile(rf"{_SHARD}(?:\.parquet|\.f32|\.failed\.parquet|\.json)|index\.json|cluster_sizes\.npy"),
     "tuning": re.compile(rf"curve\.parquet|result\.json|sample\.json|sample-{_BUCKET}\.parquet"),
     "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json|earlier\.parquet)"),
-    "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json"),
+    "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json|similarity\.json"),
     "report": re.compile(r"index\.html"),
     "written": re.compile(rf"{_SHARD}\.json"),
 }
@@ -110,6 +110,11 @@ class RunLayout:
         """Written last by the fit stage: its completion marker."""
         return self._at("clustering", "fit.json")
 
+    @property
+    def recall_estimate(self) -> str:
+        """The paper's eta: the share of duplicate pairs the cluster-local search finds."""
+        return self._at("clustering", "recall.json")
+
     # partitions (items grouped by bucket of clusters, one file per input shard)
     def partition(self, shard: int) -> str:
         return self._at("partitions", f"shard-{shard:05d}.parquet")
@@ -179,6 +184,11 @@ class RunLayout:
     def removed_spill(self) -> str:
         """finalize's removed rows between its two passes (deleted when it ends)."""
         return self._at("result", "removed.by-shard.parquet")
+
+    @property
+    def similarity(self) -> str:
+        """The judged items' max_sim histogram (eps-independent), written by finalize."""
+        return self._at("result", "similarity.json")
 
     @property
     def summary(self) -> str:

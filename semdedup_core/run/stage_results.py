@@ -8,6 +8,7 @@ Field names are the keys of the JSON files of docs/architecture.md §"Run layout
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 
@@ -155,3 +156,47 @@ class RunSummary(StageResult):
     refused: str | None = None  # why nothing could be judged (every item failed)
     note: str | None = None  # a run that had nothing to do says why (a collection with nothing new)
     written: Written | None = None
+
+
+class SimilarityHistogram(StageResult):
+    """result/similarity.json: how the judged items' max_sim is distributed.
+
+    max_sim does not depend on eps, so this one histogram gives the kept fraction at every
+    eps (``kept_fraction_at``), for the report and the artifacts, without reading the scores
+    again. Bin ``i`` holds ``lower + i * width <= max_sim < lower + (i + 1) * width``; the
+    last bin also holds max_sim == 1.
+    """
+
+    lower: float
+    width: float
+    counts: list[int]
+    n_first: int  # no earlier item in its cluster (max_sim undefined): kept at every eps
+    n_exact: int  # identical content, removed before embedding: removed at every eps
+
+    @property
+    def n_judged(self) -> int:
+        return self.n_first + self.n_exact + sum(self.counts)
+
+    def kept_fraction_at(self, eps):
+        """Kept fraction of the judged items at each eps (exact at bin edges, else within one bin)."""
+        counts = np.asarray(self.counts, np.int64)
+        below = np.r_[0, np.cumsum(counts)]  # below[i]: items with max_sim < lower + i * width
+        edge = np.clip(np.floor((1.0 - np.asarray(eps, np.float64) - self.lower) / self.width + 1e-9).astype(np.int64) + 1, 0, len(counts))
+        return (self.n_first + below[edge]) / max(self.n_judged, 1)
+
+
+class RecallEstimate(StageResult):
+    """clustering/recall.json: the paper's eta (its appendix A.2) on a seeded sample.
+
+    Of the duplicate pairs (cosine similarity > 1 - eps) that a search over each sampled
+    item's ``nearest_clusters`` nearest clusters finds, the share that lie inside one
+    cluster, which is all the cluster-local search of SemDeDup can see.
+    """
+
+    eps: float
+    seed: int
+    sample_items: int
+    nearest_clusters: int
+    pairs_in_cluster: int
+    pairs_in_nearest: int
+    eta: float | None  # None when the search found no duplicate pair
