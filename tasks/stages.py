@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -29,6 +29,7 @@ from semdedup_core.run.stage_results import (
     ExactResult,
     FitResult,
     PartitionIndex,
+    RecallEstimate,
     RunSummary,
     ScanResult,
     ShardPartition,
@@ -156,6 +157,11 @@ def apply_threshold_task(plan: PlanRef, bucket: int, eps: float) -> BucketScores
     return _unit(APPLY, plan, bucket, eps=eps)
 
 
+@task(name=RECALL.name, **_retrying)
+def estimate_recall_task(plan: PlanRef, eps: float) -> RecallEstimate:
+    return _unit(RECALL, plan, eps=eps)
+
+
 @task(name=FINALIZE.name, **_retrying)
 def finalize_task(plan: PlanRef, eps: float, tuning: TuningResult | None, timings: dict[str, float]) -> RunSummary:
     return _unit(FINALIZE, plan, eps=eps, tuning=tuning, timings=timings)
@@ -179,6 +185,7 @@ TASKS: dict[str, Task] = {
         dedup_bucket_task,
         exact_eps_task,
         apply_threshold_task,
+        estimate_recall_task,
         finalize_task,
         write_shard_task,
     )

@@ -4,7 +4,7 @@
          ─▶ fit centroids (sample) ─▶ assign[shard] ─▶ collect
          ─▶ tune eps (target_keep: the sampled prediction) ─▶ dedup[bucket]
          ─▶ threshold (target_keep, tuning='exact': eps met on every item ─▶ apply[bucket])
-         ─▶ finalize ─▶ write[shard]                                  (if asked: the dataset back)
+         ─▶ recall (the paper's eta on a seeded sample, at the final eps) ─▶ finalize ─▶ write[shard]                                  (if asked: the dataset back)
 
 :func:`run_dag` walks it; an :class:`Executor` decides where each unit runs. The executor
 here runs units in this process (library use, notebooks, benchmarks); the Prefect flow
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from semdedup_core.config import RunConfig
-from semdedup_core.dedup import partitions, scoring, tuning
+from semdedup_core.dedup import partitions, recall, scoring, tuning
 from semdedup_core.embedding import stage as embedding
 from semdedup_core.results import dataset as dataset_writer
 from semdedup_core.results import summary as results
@@ -39,6 +39,7 @@ from semdedup_core.run.stage_results import (
     ExactResult,
     FitResult,
     PartitionIndex,
+    RecallEstimate,
     RunSummary,
     ScanResult,
     ShardPartition,
@@ -153,6 +154,15 @@ APPLY = Step(
     mapped=True,
     reusable=lambda stored, plan, eps: stored.eps == eps,
 )
+RECALL = Step(
+    "estimate-recall",
+    recall.estimate_recall,
+    RecallEstimate,
+    lambda layout: layout.recall_estimate,
+    recall.describe,
+    heavy=True,
+    reusable=lambda stored, plan, eps: stored.eps == eps,
+)
 FINALIZE = Step(
     "finalize",
     results.finalize,
@@ -169,7 +179,7 @@ WRITE = Step(
     mapped=True,
     reusable=lambda stored, plan: plan.config.write_dataset <= stored.kept and plan.config.write_removed <= stored.removed,
 )
-STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, FINALIZE, WRITE)
+STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, FINALIZE, WRITE)
 
 
 def threads_per_task(cfg: RunConfig) -> int:
@@ -313,6 +323,8 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
             tuned = executor.run(THRESHOLD, plan, partition_index=index, sampled=tuned)
             eps = tuned.eps
             executor.map(APPLY, plan, buckets, eps=eps)
+    with clock.stage("recall"):
+        executor.run(RECALL, plan, eps=eps)
     with clock.stage("finalize"):
         summary = executor.run(FINALIZE, plan, eps=eps, tuning=tuned, timings=dict(clock.seconds))
     if cfg.write_dataset or cfg.write_removed:

@@ -199,4 +199,5 @@ class RecallEstimate(StageResult):
     nearest_clusters: int
     pairs_in_cluster: int
     pairs_in_nearest: int
-    eta: float | None  # None when the search found no duplicate pair
+    eta: float | None  # None when the search found no duplicate pair, or it was skipped
+    skipped: str | None = None  # why no item was sampled (a collection generation, too few items)
