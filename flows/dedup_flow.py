@@ -22,12 +22,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from semdedup_core.config import RunConfig
 from semdedup_core.run.collection import NothingNew
 from semdedup_core.run.dag import DEDUP, EMBED, R, Step, run_dag
+from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.plan import PlanRef, RunPlan, store_plan
-from semdedup_core.run.stage_results import RunSummary
+from semdedup_core.run.stage_results import RecallEstimate, RunSummary, SimilarityHistogram
+from semdedup_core.storage import exists, read_json
 from tasks.stages import TASKS, plan_run_task, storage_credentials
 
-# Stages long enough to show a progress bar in the UI.
-_PROGRESS = {EMBED.name: "embedding", DEDUP.name: "dedup"}
+# Stages long enough to show a progress bar in the UI: the artifact's kind, what a unit is.
+_PROGRESS = {EMBED.name: ("embedding", "shards"), DEDUP.name: ("dedup", "buckets")}
 
 
 def artifact_key(output: str, kind: str) -> str:
@@ -68,7 +70,7 @@ class PrefectExecutor:
 
     def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
         task, per_unit, ref = TASKS[step.name], per_unit or {}, self._ref(plan)
-        progress = _Progress(plan, step, len(units)) if step.name in _PROGRESS and len(units) > 1 else None
+        progress = _Progress(plan, step, _unit_items(per_unit) or [1] * len(units)) if step.name in _PROGRESS and units else None
         results: list[Any] = [None] * len(units)
         position: dict[PrefectFuture, int] = {}
         waiting = list(range(len(units)))[::-1]
@@ -77,23 +79,40 @@ class PrefectExecutor:
                 i = waiting.pop()
                 position[task.submit(ref, units[i], **{k: v[i] for k, v in per_unit.items()}, **inputs)] = i
             done = next(as_completed(list(position)))
-            results[position.pop(done)] = done.result()
+            i = position.pop(done)
+            results[i] = done.result()
             if progress is not None:
-                progress.advance()
+                progress.advance(i)
         return results
 
 
+def _unit_items(per_unit: dict[str, Sequence]) -> list[int] | None:
+    """Items per unit where the units' partition entries tell (dedup buckets: rows of their row groups)."""
+    entries = per_unit.get("entries")
+    if entries is None:
+        return None
+    return [sum(rows for _, groups in bucket for _, _, rows in groups) for bucket in entries]
+
+
 class _Progress:
-    """A progress artifact per long stage of a run, updated as its units finish."""
+    """A progress artifact per long stage of a run, advanced as each unit finishes by that
+    unit's share of the work (its items where known, else one unit)."""
 
-    def __init__(self, plan: RunPlan, step: Step, total: int):
-        self.total, self.done = total, 0
-        what = _PROGRESS[step.name]
-        self.id = create_progress_artifact(0.0, key=artifact_key(plan.config.output, what), description=f"semdedup {what}: {total} units of {plan.config.output}")
+    def __init__(self, plan: RunPlan, step: Step, weights: list[int]):
+        self.weights = weights if sum(weights) else [1] * len(weights)  # every bucket empty: count units
+        self.total = sum(self.weights)
+        self.units_done = self.weight_done = 0
+        self.what, self.unit = _PROGRESS[step.name]
+        self.output = plan.config.output
+        self.id = create_progress_artifact(0.0, key=artifact_key(self.output, self.what), description=self._describe())
 
-    def advance(self) -> None:
-        self.done += 1
-        update_progress_artifact(self.id, 100.0 * self.done / self.total)
+    def _describe(self) -> str:
+        return f"semdedup {self.what} of {self.output}: {self.units_done:,} of {len(self.weights):,} {self.unit} done"
+
+    def advance(self, unit: int) -> None:
+        self.units_done += 1
+        self.weight_done += self.weights[unit]
+        update_progress_artifact(self.id, 100.0 * self.weight_done / self.total, description=self._describe())
 
 
 @flow(name="semdedup", log_prints=False, validate_parameters=True)
@@ -101,23 +120,30 @@ def semdedup_flow(config: RunConfig) -> RunSummary:
     """Semantic deduplication of a dataset; every artifact is written under ``config.output``."""
     with storage_credentials(config.storage_block):
         summary = run_dag(config, PrefectExecutor(config))
-    if summary.note is None:
-        _summary_artifacts(summary)
+        if summary.note is None:
+            run_artifacts(summary, RunLayout(summary.output))
     return summary
 
 
-def _summary_artifacts(summary: RunSummary) -> None:
-    fraction = f"{summary.kept_fraction:.2%}" if summary.kept_fraction is not None else "n/a"
-    create_markdown_artifact(
-        key=artifact_key(summary.output, "summary"),
-        markdown=(
-            f"### semdedup: {summary.n_kept:,} kept, {summary.n_removed:,} removed, {summary.n_failed:,} failed\n\n"
-            f"of {summary.n_input:,} items at eps={summary.eps:.6g} (kept {fraction} of the judged items).\n\n"
-            f"Output: `{summary.output}`"
-            + "".join(f"\n\n**warning:** {w}" for w in summary.warnings)
-        ),
-        description=f"semdedup run summary of {summary.output}",
-    )
+# The eps grid of the eps-curve table (the run's own eps is added): the range where SemDeDup's
+# eps usually lies, denser where the kept fraction moves fastest.
+EPS_GRID = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+# Sources named in the summary: those that lost the largest share of their items.
+TOP_LOSERS = 5
+
+
+def run_artifacts(summary: RunSummary, layout: RunLayout) -> None:
+    """The run's artifacts in the Prefect UI, each keyed per output: a markdown summary, the
+    eps curve (kept fraction over eps, from result/similarity.json) and, when eps was tuned,
+    the tuning table."""
+    recall = RecallEstimate.model_validate(read_json(layout.recall_estimate)) if exists(layout.recall_estimate) else None
+    create_markdown_artifact(key=artifact_key(summary.output, "summary"), markdown=summary_markdown(summary, layout, recall), description=f"semdedup run summary of {summary.output}")
+    if exists(layout.similarity) and summary.eps is not None:
+        create_table_artifact(
+            key=artifact_key(summary.output, "eps-curve"),
+            table=eps_curve_rows(summary, SimilarityHistogram.model_validate(read_json(layout.similarity))),
+            description=f"semdedup: kept fraction of the judged items over eps (this run: eps={summary.eps:.6g}); from the stored max_sim, no recomputation",
+        )
     if summary.tuning:
         create_table_artifact(
             key=artifact_key(summary.output, "tuning"),
@@ -125,3 +151,62 @@ def _summary_artifacts(summary: RunSummary) -> None:
                     "predicted_kept_fraction": summary.predicted_kept_fraction, "kept_fraction": summary.kept_fraction}],
             description="eps tuned to the target kept fraction",
         )
+
+
+def eps_curve_rows(summary: RunSummary, similarity: SimilarityHistogram) -> list[dict]:
+    """eps, kept fraction and kept items on EPS_GRID and at the run's eps. The grid comes from
+    the max_sim histogram; the run's own row is what the run decided (exact)."""
+    grid = sorted({*EPS_GRID, summary.eps})
+    fractions = similarity.kept_fraction_at(grid)
+    rows = []
+    for eps, fraction in zip(grid, fractions):
+        this_run = eps == summary.eps
+        kept_fraction = summary.kept_fraction if this_run else float(fraction)
+        kept_items = summary.n_kept if this_run else int(round(fraction * similarity.n_judged))
+        rows.append({"eps": eps, "kept_fraction": kept_fraction, "kept_items": kept_items, "this_run": this_run})
+    return rows
+
+
+def summary_markdown(summary: RunSummary, layout: RunLayout, recall: RecallEstimate | None) -> str:
+    """The run at a glance: counts, shares, eps, warnings, the sources that lost most, the report."""
+
+    def share(n: int, of: int) -> str:
+        return f"{n / of:.2%}" if of else "n/a"
+
+    judged = summary.n_judged
+    lines = [
+        f"### semdedup: {summary.n_kept:,} kept, {summary.n_removed:,} removed, {summary.n_failed:,} failed of {summary.n_input:,} items",
+        "",
+        "| | items | share |",
+        "| --- | ---: | ---: |",
+        f"| input | {summary.n_input:,} | |",
+        f"| judged (input minus failed) | {judged:,} | {share(judged, summary.n_input)} of input |",
+        f"| kept | {summary.n_kept:,} | {share(summary.n_kept, judged)} of judged |",
+        f"| removed | {summary.n_removed:,} | {share(summary.n_removed, judged)} of judged |",
+        f"| of which exact copies | {summary.n_exact:,} | {share(summary.n_exact, judged)} of judged |",
+        f"| failed | {summary.n_failed:,} | {share(summary.n_failed, summary.n_input)} of input |",
+        "",
+    ]
+    threshold = [f"**eps** {summary.eps:.6g}" if summary.eps is not None else "**eps** n/a"]
+    if summary.target_keep is not None:
+        threshold.append(f"**target kept fraction** {summary.target_keep:.2%}")
+        if summary.predicted_kept_fraction is not None:
+            threshold.append(f"**sample predicted** {summary.predicted_kept_fraction:.2%} at eps {summary.sampled_eps:.6g}")
+    if summary.kept_fraction is not None:
+        threshold.append(f"**achieved** {summary.kept_fraction:.2%} kept")
+    lines += [" · ".join(threshold), ""]
+    if recall is not None and recall.eta is not None:
+        lines += [
+            f"**Recall of the cluster-local search (η)** {recall.eta:.2%}: {recall.pairs_in_cluster:,} of {recall.pairs_in_nearest:,} duplicate pairs "
+            f"of {recall.sample_items:,} sampled items lie in their own cluster ({recall.nearest_clusters} nearest clusters searched).",
+            "",
+        ]
+    losers = sorted((s for s in summary.per_source if s.removed), key=lambda s: (-s.removed / max(s.input, 1), -s.removed, s.source))[:TOP_LOSERS]
+    if losers:
+        lines += ["#### Sources that lost the largest share", "", "| source | input | kept | removed | failed | removed share |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| `{s.source}` | {s.input:,} | {s.kept:,} | {s.removed:,} | {s.failed:,} | {share(s.removed, s.input)} |" for s in losers]
+        lines.append("")
+    if summary.warnings:
+        lines += ["#### Warnings", "", *(f"- {w}" for w in summary.warnings), ""]
+    lines += [f"Report: `{layout.report}`", "", f"Output: `{summary.output}`"]
+    return "\n".join(lines)
