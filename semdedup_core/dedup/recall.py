@@ -14,6 +14,9 @@ buckets holding the clusters to search are read one at a time, keeping only thos
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +34,7 @@ NEAREST_CLUSTERS = 5
 # Similarity blocks (queries x members) are kept under this many entries (float64: 32 MiB).
 _BLOCK_ENTRIES = 4 * 2**20
 _F32 = np.dtype("<f4")
+_READ_THREADS = 8
 
 
 def estimate_recall(plan: RunPlan, eps: float, sample_items: int = SAMPLE_ITEMS, nearest_clusters: int = NEAREST_CLUSTERS) -> RecallEstimate:
@@ -53,13 +57,17 @@ def estimate_recall(plan: RunPlan, eps: float, sample_items: int = SAMPLE_ITEMS,
     in_cluster = np.zeros(len(ids), np.int64)
     in_nearest = np.zeros(len(ids), np.int64)
     bucket_of = read_npy(layout.bucket_of_cluster)
+    searched_by: dict[int, list[int]] = {}  # cluster -> sampled items that search it
+    for item, clusters in enumerate(nearest.tolist()):
+        for cluster in clusters:
+            searched_by.setdefault(cluster, []).append(item)
     for bucket in np.unique(bucket_of[nearest]):
         wanted = np.unique(nearest[bucket_of[nearest] == bucket])
         data = load_bucket(plan, index.buckets[int(bucket)], _input_order, only_clusters=wanted)
         sampled_at = pc.index_in(data.ids, value_set=ids).fill_null(-1).to_numpy()  # row -> sampled item, or -1
         stops = np.r_[data.starts[1:], len(data.cluster)]
         for cluster, lo, hi in zip(data.clusters, data.starts, stops):
-            queries = np.flatnonzero((nearest == cluster).any(axis=1))
+            queries = np.array(searched_by[int(cluster)], np.int64)
             found = _count_above(vectors[queries], data.vectors[lo:hi], threshold, sampled_at[lo:hi], queries)
             in_nearest[queries] += found
             mine = own[queries] == cluster
@@ -91,11 +99,17 @@ def nearest_cluster_ids(vectors: np.ndarray, centroids: np.ndarray, own: np.ndar
     similar to it (canonical float64 scores, ties to the lower index)."""
     out = np.empty((len(vectors), count), np.int64)
     centroids64 = centroids.astype(np.float64)
-    step = max(1, _BLOCK_ENTRIES // max(1, len(centroids)))
+    k = len(centroids)
+    step = max(1, _BLOCK_ENTRIES // max(1, k))
     for lo in range(0, len(vectors), step):
         scores = vectors[lo : lo + step].astype(np.float64) @ centroids64.T
         scores[np.arange(len(scores)), own[lo : lo + step]] = np.inf  # own cluster first, whatever rounding did
-        out[lo : lo + step] = np.argsort(-scores, axis=1, kind="stable")[:, :count]
+        # The count-th best score per row, then every centroid at least that good (more than
+        # count only on exact ties), ordered by score and index.
+        kth = np.partition(scores, k - count, axis=1)[:, k - count]
+        for row, (row_scores, floor) in enumerate(zip(scores, kth)):
+            candidates = np.flatnonzero(row_scores >= floor)
+            out[lo + row] = candidates[np.lexsort((candidates, -row_scores[candidates]))][:count]
     return out
 
 
@@ -143,5 +157,8 @@ def _sampled_items(plan: RunPlan, sample_items: int) -> tuple[pa.Array, np.ndarr
         clusters.append(table.column("cluster").to_numpy()[offset])
         row_bytes = plan.dim * _F32.itemsize
         url = plan.layout.partition_vectors(manifest.shard)
-        vectors.extend(np.frombuffer(read_range(url, int(r) * row_bytes, (int(r) + 1) * row_bytes), _F32) for r in rows)
+        with ThreadPoolExecutor(_READ_THREADS) as pool:  # one ranged GET per row: overlap their latency
+            # Each thread runs in a copy of this context: storage options set by the caller apply.
+            reads = [pool.submit(copy_context().run, read_range, url, int(r) * row_bytes, (int(r) + 1) * row_bytes) for r in rows]
+            vectors.extend(np.frombuffer(f.result(), _F32) for f in reads)
     return pa.concat_arrays(ids), np.concatenate(clusters).astype(np.int64), np.stack(vectors)
