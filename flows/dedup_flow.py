@@ -195,18 +195,30 @@ def summary_markdown(summary: RunSummary, layout: RunLayout, recall: RecallEstim
     if summary.kept_fraction is not None:
         threshold.append(f"**achieved** {summary.kept_fraction:.2%} kept")
     lines += [" · ".join(threshold), ""]
-    if recall is not None and recall.eta is not None:
-        lines += [
-            f"**Recall of the cluster-local search (η)** {recall.eta:.2%}: {recall.pairs_in_cluster:,} of {recall.pairs_in_nearest:,} duplicate pairs "
-            f"of {recall.sample_items:,} sampled items lie in their own cluster ({recall.nearest_clusters} nearest clusters searched).",
-            "",
-        ]
+    if recall is not None:
+        lines += [f"**Recall of the cluster-local search (η)** {_describe_recall(recall)}", ""]
     losers = sorted((s for s in summary.per_source if s.removed), key=lambda s: (-s.removed / max(s.input, 1), -s.removed, s.source))[:TOP_LOSERS]
     if losers:
         lines += ["#### Sources that lost the largest share", "", "| source | input | kept | removed | failed | removed share |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| `{s.source}` | {s.input:,} | {s.kept:,} | {s.removed:,} | {s.failed:,} | {share(s.removed, s.input)} |" for s in losers]
+        lines += [f"| `{_cell(s.source)}` | {s.input:,} | {s.kept:,} | {s.removed:,} | {s.failed:,} | {share(s.removed, s.input)} |" for s in losers]
         lines.append("")
     if summary.warnings:
         lines += ["#### Warnings", "", *(f"- {w}" for w in summary.warnings), ""]
     lines += [f"Report: `{layout.report}`", "", f"Output: `{summary.output}`"]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text inside a markdown table cell: a pipe would end the cell, a backtick the code span."""
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def _describe_recall(recall: RecallEstimate) -> str:
+    if recall.skipped:
+        return f"not estimated: {recall.skipped}."
+    if recall.eta is None:
+        return f"n/a: no duplicate pair near any of {recall.sample_items:,} sampled items."
+    return (
+        f"{recall.eta:.2%}: {recall.pairs_in_cluster:,} of {recall.pairs_in_nearest:,} duplicate pairs of {recall.sample_items:,} sampled items "
+        f"lie in their own cluster ({recall.nearest_clusters} nearest clusters searched)."
+    )

@@ -132,3 +132,18 @@ def test_raw_run_with_a_target_shows_embedding_progress_and_tuning(tmp_path, tin
                        "predicted_kept_fraction": summary.predicted_kept_fraction, "kept_fraction": summary.kept_fraction}]
     curve = _table(_artifact(cfg.output, "eps-curve", run_id))
     assert [r for r in curve if r["this_run"]] == [{"eps": summary.eps, "kept_fraction": summary.kept_fraction, "kept_items": summary.n_kept, "this_run": True}]
+
+
+def test_markdown_lists_warnings_skipped_estimates_and_odd_source_names(eps_run):
+    from flows.dedup_flow import summary_markdown
+    from semdedup_core.run.layout import RunLayout
+
+    summary = eps_run["summary"]
+    odd = summary.per_source[0].model_copy(update={"source": "s3://b/a|b`c.parquet", "removed": summary.per_source[0].input})
+    changed = summary.model_copy(update={"warnings": ["target missed by 12 items"], "per_source": [odd, *summary.per_source[1:]]})
+    skipped = RecallEstimate(eps=0.04, seed=3, sample_items=0, nearest_clusters=5, pairs_in_cluster=0, pairs_in_nearest=0, eta=None, skipped="a collection generation")
+    text = summary_markdown(changed, RunLayout(summary.output), skipped)
+    assert "#### Warnings\n\n- target missed by 12 items" in text
+    assert "(η)** not estimated: a collection generation." in text
+    row = next(line for line in text.splitlines() if line.startswith("| `s3://"))
+    assert row.startswith("| `s3://b/a\\|b'c.parquet` |") and row.endswith("| 100.00% |")
