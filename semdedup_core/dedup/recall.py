@@ -41,15 +41,15 @@ def estimate_recall(plan: RunPlan, eps: float, sample_items: int = SAMPLE_ITEMS,
     """eta on a sample of ``sample_items`` clustered items (seeded by the run's seed)."""
     layout = plan.layout
     nearest_clusters = max(1, min(nearest_clusters, plan.clusters))
-    skipped = RecallEstimate(
+    none_found = RecallEstimate(
         eps=eps, seed=plan.config.seed, sample_items=0, nearest_clusters=nearest_clusters, pairs_in_cluster=0, pairs_in_nearest=0, eta=None
     )
     if plan.earlier:
         # A generation's clusters also hold the earlier generations' items, in other run folders.
-        return skipped.model_copy(update={"skipped": "a collection generation: the estimate is made on the collection's base run"})
+        return none_found.model_copy(update={"skipped": "a collection generation: the estimate is made on the collection's base run"})
     index = PartitionIndex.model_validate(read_json(layout.partition_index))
     if index.n_assigned < 2:
-        return skipped.model_copy(update={"skipped": f"{index.n_assigned} clustered item(s): no pair to find"})
+        return none_found.model_copy(update={"skipped": f"{index.n_assigned} clustered item(s): no pair to find"})
 
     ids, own, vectors = _sampled_items(plan, sample_items)
     nearest = nearest_cluster_ids(vectors, read_npy(layout.centroids), own, nearest_clusters)
@@ -73,7 +73,7 @@ def estimate_recall(plan: RunPlan, eps: float, sample_items: int = SAMPLE_ITEMS,
             mine = own[queries] == cluster
             in_cluster[queries[mine]] += found[mine]
     pairs_in_cluster, pairs_in_nearest = int(in_cluster.sum()), int(in_nearest.sum())
-    return skipped.model_copy(
+    return none_found.model_copy(
         update={
             "sample_items": len(ids),
             "pairs_in_cluster": pairs_in_cluster,
