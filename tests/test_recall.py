@@ -188,3 +188,17 @@ def test_raw_text_run_estimates_on_its_own_embeddings(tmp_path, tiny_bert):
     estimate = RecallEstimate.model_validate_json((tmp_path / "run" / "clustering" / "recall.json").read_text())
     assert estimate.skipped is None and estimate.sample_items == results.summary["n_embedded"]
     assert estimate.pairs_in_cluster <= estimate.pairs_in_nearest
+
+
+def test_object_storage_run_estimates_as_a_local_run(tmp_path, moto_s3):
+    """s3:// in and out on moto's HTTP server (the sampled rows are ranged GETs from worker
+    threads): the estimate equals the local run's."""
+    ids, vectors = _topics_with_near_copies(np.random.default_rng(8), 400, 100)
+    local_cfg, local = _run(tmp_path, ids, vectors, eps=0.1, clusters=5, buckets=2)
+    bucket = moto_s3.new_bucket("recall")
+    source = moto_s3.upload(tmp_path / "in" / "part.parquet", bucket, "in/part.parquet")
+    cfg = local_cfg.model_copy(update={"input": [source], "output": f"s3://{bucket}/run"})
+    with single_thread():
+        run_pipeline(cfg)
+    remote = RecallEstimate.model_validate_json(moto_s3.get(bucket, "run/clustering/recall.json"))
+    assert remote == local and remote.sample_items == len(ids) and remote.eta is not None
