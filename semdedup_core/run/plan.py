@@ -132,12 +132,12 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
         return plan_generation(cfg)
     check_output(cfg)
-    plan = check_existing_run(plan_inputs(cfg))
+    plan = plan_inputs(cfg)
     if cfg.reference:
         from semdedup_core.dedup.reference import plan_references
 
         plan = plan.model_copy(update={"references": plan_references(plan)})
-    return plan
+    return check_existing_run(plan)
 
 
 def plan_inputs(cfg: RunConfig) -> RunPlan:
