@@ -68,6 +68,8 @@ def plan_references(plan: RunPlan) -> list[RunPlan]:
                 "input": [url],
                 "output": plan.layout.reference_run(index),
                 "reference": [],
+                "clusters": None,  # the run's k and buckets apply (see placed); never refused for the reference's size
+                "buckets": None,
                 "keep": "hard",  # the order of reference items only breaks ties between them
                 "metadata_columns": [],
                 "write_dataset": False,
