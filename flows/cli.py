@@ -446,6 +446,8 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     table.add_row("removed", f"{summary.n_removed:,}")
     if summary.n_exact:
         table.add_row("  of them exact copies", f"{summary.n_exact:,}")
+    if summary.n_reference is not None:
+        table.add_row("  of them duplicates of a reference item", f"{summary.n_reference:,}")
     table.add_row("failed", f"{summary.n_failed:,}")
     if summary.n_long_texts is not None:
         table.add_row("texts longer than the model's limit", f"{summary.n_long_texts:,} ({summary.long_text})")

@@ -353,8 +353,13 @@ def _place_references(plan: RunPlan, executor: Executor) -> list[PlanRef]:
             executor.map(EMBED, sub, shards)
         sub = reference.placed(sub, plan, run)
         executor.run(FIT, sub)  # copies the run's centroids and bucket plan
-        executor.map(ASSIGN, sub, [s.index for s in sub.shards])
+        assigned = executor.map(ASSIGN, sub, [s.index for s in sub.shards])
         executor.run(COLLECT, sub)
+        left_out = sub.n_input - sum(r.n_assigned for r in assigned)
+        logger.info(
+            "reference %s: %d items placed, %d left out (unusable, or exact copies of another of its items; see %s)",
+            sub.config.input[0], sum(r.n_assigned for r in assigned), left_out, sub.config.output,
+        )
         placed.append(store_plan(sub))
     return placed
 
