@@ -302,6 +302,28 @@ def test_reference_is_an_earlier_run_or_collection_of_ours(tmp_path):
         assert not (tmp_path / name / "reference" / "r-00000" / "embeddings").exists()  # nothing embedded again
 
 
+def test_raw_run_with_precomputed_reference_embeddings(tiny_bert, tmp_path):
+    """A raw run takes precomputed reference embeddings of its model's dimension (here: the
+    file an earlier raw run of the test set wrote) with the same decisions as the raw test
+    set, and refuses embeddings of another dimension before anything is written."""
+    test_docs = [f"held out question {i} on w{i + 7} w{i * 2 + 1}" for i in range(6)]
+    docs = [f"document {i} about topic {i % 5} with w{i} w{i * 3}" for i in range(30)] + test_docs[:3]
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "text": d}) + "\n" for i, d in enumerate(test_docs)))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": d}) + "\n" for i, d in enumerate(docs)))
+    run_raw(raw_config([tmp_path / "test" / "test.jsonl"], tmp_path / "test-run", model=str(tiny_bert), eps=0.001))
+    common = dict(model=str(tiny_bert), eps=0.001)
+    from_raw = run_raw(raw_config([tmp_path / "train.jsonl"], tmp_path / "a", reference=[str(tmp_path / "test" / "test.jsonl")], **common))
+    stored = tmp_path / "test-run" / "embeddings" / "shard-00000.parquet"
+    from_file = run_raw(raw_config([tmp_path / "train.jsonl"], tmp_path / "b", reference=[str(stored)], **common))
+    assert _by_reason(from_raw)["reference"] == {"d30", "d31", "d32"}
+    assert from_file.decisions()["removed"] == from_raw.decisions()["removed"]
+    write_embeddings(tmp_path / "wrong" / "w.parquet", ["w0", "w1"], unit_rows(np.random.default_rng(0), 2, 8))
+    with pytest.raises(ConfigError, match="--reference .*w.parquet: holds 8-d embeddings but the run's model .* makes 32-d ones"):
+        plan_run(raw_config([tmp_path / "train.jsonl"], tmp_path / "c", reference=[str(tmp_path / "wrong" / "w.parquet")], **common))
+    assert not (tmp_path / "c").exists()
+
+
 def test_raw_run_refuses_a_run_made_with_another_model(tiny_bert, tiny_opt, tmp_path):
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "r.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"text w{i} w{i + 1}"}) + "\n" for i in range(10)))

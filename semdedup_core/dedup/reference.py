@@ -78,7 +78,7 @@ def plan_references(plan: RunPlan) -> list[RunPlan]:
         )
         runs = _earlier_runs(url)
         try:
-            sub = _plan_from_runs(sub_cfg, url, runs, plan) if runs else _plan_data(sub_cfg, url, plan)
+            sub = _plan_from_runs(sub_cfg, url, runs, plan) if runs else _plan_data(sub_cfg, plan)
         except (ConfigError, InputError) as exc:
             message = str(exc) if str(exc).startswith("--reference") else f"--reference {url}: {exc}"
             raise type(exc)(message) from None
@@ -139,21 +139,20 @@ def _plan_from_runs(sub_cfg, url: str, records: list[dict], plan: RunPlan) -> Ru
     )
 
 
-def _plan_data(sub_cfg, url: str, plan: RunPlan) -> RunPlan:
-    """Raw data (embedded by the run's steps with the run's model) or precomputed embeddings."""
-    raw_run = plan.embeds
-    if not raw_run and sub_cfg.model is None:
-        # The run reads precomputed embeddings: it has no model to embed raw reference data with.
-        from semdedup_core.inputs.datasets import RAW_FORMATS, detect_format
+def _plan_data(sub_cfg, plan: RunPlan) -> RunPlan:
+    """Raw data (embedded by the run's steps with the run's model) or precomputed embeddings,
+    read with the run's format options."""
+    from semdedup_core.inputs.datasets import RAW_FORMATS, detect_format
 
-        if detect_format(sub_cfg) in RAW_FORMATS:
-            raise ConfigError("holds raw data, but the run's input is precomputed embeddings: give the reference's embeddings, made with the input's model")
-    sub = plan_inputs(sub_cfg.model_copy(update={"format": "auto"}) if not raw_run else sub_cfg)
+    raw_data = detect_format(sub_cfg) in RAW_FORMATS
+    if raw_data and not plan.embeds:  # the run has no model to embed raw reference data with
+        raise ConfigError("holds raw data, but the run's input is precomputed embeddings: give the reference's embeddings, made with the input's model")
+    sub = plan_inputs(sub_cfg if raw_data else sub_cfg.model_copy(update={"model": None, "pretrained": None}))
     if sub.embeds:
         if not _same_model(plan.embedder, sub.embedder):
             raise ConfigError(f"holds {sub.embedder['modality']} data but the run embeds {plan.embedder['modality']}")
         return sub
-    if raw_run:
+    if plan.embeds:
         from semdedup_core.embedding.models import load_embedder
 
         dim = load_embedder(plan.config, plan.embedder["modality"], plan.device).dim
