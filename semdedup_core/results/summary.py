@@ -277,7 +277,6 @@ def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], copies: p
         rows = semantic.column("row")
         name = plan.shards[shard_index].name
         sources = pa.array([f"{name} row {r}" for r in rows.to_pylist()], pa.string())
-    n = semantic.num_rows
     table = pa.table(
         {
             "id": semantic.column("id"),

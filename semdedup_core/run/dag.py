@@ -310,7 +310,7 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
     with clock.stage("collect"):
         index = executor.run(COLLECT, plan)
     if plan.references:
-        with clock.stage("reference"):
+        with clock.stage("reference-place"):
             references = _place_references(plan, executor)
     tuned: TuningResult | None = None
     eps = cfg.effective_eps
