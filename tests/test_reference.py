@@ -299,13 +299,13 @@ def test_reference_is_an_earlier_run_or_collection_of_ours(tmp_path):
     for name, ref in (("from-run", "test-run"), ("from-coll", "test-coll")):
         results = _run(RunConfig(output=str(tmp_path / name), reference=[str(tmp_path / ref)], **common))
         assert results.decisions()["removed"] == direct.decisions()["removed"]
-        assert not (tmp_path / name / "reference" / "r-00000" / "embeddings").exists()  # nothing embedded again
 
 
 def test_raw_run_with_precomputed_reference_embeddings(tiny_bert, tmp_path):
     """A raw run takes precomputed reference embeddings of its model's dimension (here: the
-    file an earlier raw run of the test set wrote) with the same decisions as the raw test
-    set, and refuses embeddings of another dimension before anything is written."""
+    file an earlier raw run of the test set wrote) or that earlier run itself (its
+    embeddings, not embedded again) with the same decisions as the raw test set, and
+    refuses embeddings of another dimension before anything is written."""
     test_docs = [f"held out question {i} on w{i + 7} w{i * 2 + 1}" for i in range(6)]
     docs = [f"document {i} about topic {i % 5} with w{i} w{i * 3}" for i in range(30)] + test_docs[:3]
     (tmp_path / "test").mkdir()
@@ -318,6 +318,10 @@ def test_raw_run_with_precomputed_reference_embeddings(tiny_bert, tmp_path):
     from_file = run_raw(raw_config([tmp_path / "train.jsonl"], tmp_path / "b", reference=[str(stored)], **common))
     assert _by_reason(from_raw)["reference"] == {"d30", "d31", "d32"}
     assert from_file.decisions()["removed"] == from_raw.decisions()["removed"]
+    from_run = run_raw(raw_config([tmp_path / "train.jsonl"], tmp_path / "d", reference=[str(tmp_path / "test-run")], **common))
+    assert from_run.decisions()["removed"] == from_raw.decisions()["removed"]
+    assert (tmp_path / "a" / "reference" / "r-00000" / "embeddings").is_dir()
+    assert not (tmp_path / "d" / "reference" / "r-00000" / "embeddings").exists()  # the earlier run's embeddings, not embedded again
     write_embeddings(tmp_path / "wrong" / "w.parquet", ["w0", "w1"], unit_rows(np.random.default_rng(0), 2, 8))
     with pytest.raises(ConfigError, match="--reference .*w.parquet: holds 8-d embeddings but the run's model .* makes 32-d ones"):
         plan_run(raw_config([tmp_path / "train.jsonl"], tmp_path / "c", reference=[str(tmp_path / "wrong" / "w.parquet")], **common))
