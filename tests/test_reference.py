@@ -396,6 +396,23 @@ def test_cli_run_with_references(train_and_test, tmp_path):
     assert results.summary["n_reference"] == len(expected) and math.isclose(results.summary["eps"], EPS)
 
 
+def test_a_resume_over_a_rewritten_reference_is_refused(train_and_test, tmp_path):
+    """The reference's objects are fingerprinted with the inputs: rewriting one between a run
+    and its re-run refuses the re-run (exit 2, one line) instead of using stale decisions."""
+    train, test = train_and_test
+    reference = tmp_path / "ref" / "t.parquet"
+    reference.parent.mkdir()
+    reference.write_bytes(test.read_bytes())
+    out = tmp_path / "out"
+    cfg = RunConfig(input=[str(train)], output=str(out), reference=[str(reference)], clusters=5, eps=EPS)
+    first = _run(cfg)
+    assert plan_run(cfg).references[0].n_input == 30  # the same reference: the run resumes
+    write_embeddings(reference, [f"q{i}" for i in range(5)], unit_rows(np.random.default_rng(3), 5, DIM))
+    with pytest.raises(ConfigError, match="reference .*t.parquet changed since the run"):
+        plan_run(cfg)
+    assert RunResults(out).decisions() == first.decisions()
+
+
 def test_fresh_deletes_the_reference_artifacts_and_nothing_else(train_and_test, tmp_path):
     assert is_artifact("reference/r-00000/partitions/shard-00000.f32") and is_artifact("reference/bucket-00000.parquet")
     assert not is_artifact("reference/r-00000/notes.txt") and not is_artifact("reference/r-00000/reference/bucket-00000.parquet")

@@ -30,7 +30,7 @@ from semdedup_core.dedup.partitions import load_bucket
 from semdedup_core.dedup.scoring import order_function
 from semdedup_core.inputs.precomputed import InputError, Shard
 from semdedup_core.run.layout import RunLayout
-from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, overlaps_output, plan_inputs, read_run_record
+from semdedup_core.run.plan import PlanRef, RunPlan, input_fingerprints, load_plan, overlaps_output, plan_inputs, read_run_record
 from semdedup_core.run.stage_results import PartitionIndex, StageResult
 from semdedup_core.storage import exists, join, read_json, read_parquet, write_parquet
 
@@ -54,10 +54,18 @@ class ReferenceScores(StageResult):
 # ---------------------------------------------------------------- plan
 
 
-def plan_references(plan: RunPlan) -> list[RunPlan]:
-    """A plan per reference URL, every check done before anything is written: the URL
-    exists and is readable, does not overlap the output, and its embeddings are comparable
-    with the run's (same model for raw data and earlier runs, same dimension otherwise)."""
+def with_references(plan: RunPlan) -> RunPlan:
+    """The run's plan with a plan per reference URL, every check done before anything is
+    written: the URL exists and is readable, does not overlap the output, and its embeddings
+    are comparable with the run's (same model for raw data and earlier runs, same dimension
+    otherwise). The references' objects join the run's fingerprints, so a resume over a
+    reference rewritten since is refused as one over a rewritten input is."""
+    references = _plan_references(plan)
+    seen = {f"reference {key}": value for sub in references for key, value in sub.fingerprints.items()}
+    return plan.model_copy(update={"references": references, "fingerprints": plan.fingerprints | seen})
+
+
+def _plan_references(plan: RunPlan) -> list[RunPlan]:
     cfg = plan.config
     plans = []
     for index, url in enumerate(cfg.reference):
@@ -134,9 +142,10 @@ def _plan_from_runs(sub_cfg, url: str, records: list[dict], plan: RunPlan) -> Ru
     shards = [Shard.model_validate(s) for record in records for s in record["shards"]]
     shards = [s.model_copy(update={"index": i}) for i, s in enumerate(shards)]
     dim = plan.dim or records[0]["dim"]
-    return RunPlan(
+    sub = RunPlan(
         config=sub_cfg, input_format="embeddings", shards=shards, n_input=sum(s.n_rows for s in shards), dim=dim, clusters=0, buckets=0, device=plan.device
     )
+    return sub.model_copy(update={"fingerprints": input_fingerprints([], shards)})
 
 
 def _plan_data(sub_cfg, plan: RunPlan) -> RunPlan:

@@ -134,9 +134,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     check_output(cfg)
     plan = plan_inputs(cfg)
     if cfg.reference:
-        from semdedup_core.dedup.reference import plan_references
+        from semdedup_core.dedup.reference import with_references
 
-        plan = plan.model_copy(update={"references": plan_references(plan)})
+        plan = with_references(plan)
     return check_existing_run(plan)
 
 
