@@ -225,6 +225,7 @@ def run(
     against: Annotated[Optional[str], typer.Option("--against", help="Collection: judge new items against the earlier kept items (kept) or all earlier items (all).")] = None,
     refit: Annotated[bool, typer.Option("--refit", help="Collection: start a new base over the whole input (may change earlier decisions).")] = False,
     changed_inputs: Annotated[Optional[str], typer.Option("--changed-inputs", help="Collection: an input processed before that has changed: refuse | skip.")] = None,
+    reference: Annotated[Optional[list[str]], typer.Option("--reference", help="A reference set (repeatable): raw data, embeddings, or an earlier run or collection; items duplicating a reference item are removed with reason 'reference'.")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="auto|embeddings|clip-retrieval|webdataset|parquet|jsonl|images")] = None,
     model: Annotated[Optional[str], typer.Option(help="Embedding model name.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or checkpoint path.")] = None,
@@ -279,6 +280,7 @@ def run(
             against=against,
             refit=refit or None,
             changed_inputs=changed_inputs,
+            reference=reference or None,
             format=format,
             model=model,
             pretrained=pretrained,
@@ -444,6 +446,8 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     table.add_row("removed", f"{summary.n_removed:,}")
     if summary.n_exact:
         table.add_row("  of them exact copies", f"{summary.n_exact:,}")
+    if summary.n_reference is not None:
+        table.add_row("  of them duplicates of a reference item", f"{summary.n_reference:,}")
     table.add_row("failed", f"{summary.n_failed:,}")
     if summary.n_long_texts is not None:
         table.add_row("texts longer than the model's limit", f"{summary.n_long_texts:,} ({summary.long_text})")

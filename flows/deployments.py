@@ -66,7 +66,7 @@ InputOptions = _group(
     "InputOptions",
     "Input",
     "What to deduplicate.",
-    {"urls": "input", **_same("format", "id_column", "embedding_column", "modality", "text_column", "image_column")},
+    {"urls": "input", **_same("format", "id_column", "embedding_column", "modality", "text_column", "image_column", "reference")},
 )
 StorageOptions = _group(
     "StorageOptions",

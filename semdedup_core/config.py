@@ -149,12 +149,27 @@ class RunConfig(BaseModel):
     changed_inputs: Literal["refuse", "skip"] = Field(
         "refuse", description="Collection: an input object processed before that has changed since: refuse the run, or skip the object."
     )
+    reference: list[str] = Field(
+        default_factory=list,
+        description="Reference sets (test-set decontamination): raw data embedded with the run's model, precomputed embeddings, or an earlier "
+        "semdedup run or collection. An item whose similarity to a reference item of its cluster exceeds 1 - eps is removed with reason "
+        "'reference'; reference items are never removed, written or counted.",
+    )
 
     @field_validator("input")
     @classmethod
     def _non_empty_inputs(cls, value: list[str]) -> list[str]:
         if any(not v.strip() for v in value):
             raise ValueError("input entries must be non-empty")
+        for url in value:
+            _refuse_credentials(url)
+        return value
+
+    @field_validator("reference")
+    @classmethod
+    def _usable_references(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() for v in value):
+            raise ValueError("reference entries must be non-empty")
         for url in value:
             _refuse_credentials(url)
         return value
@@ -191,6 +206,8 @@ class RunConfig(BaseModel):
             raise ValueError("tuning='sample' is for target_keep; with eps there is nothing to tune")
         if not self.collection and (self.against != "kept" or self.refit or self.changed_inputs != "refuse"):
             raise ValueError("against, refit and changed_inputs are options of a collection (collection: true)")
+        if self.collection and self.reference:
+            raise ValueError("reference sets are not supported with a collection yet: decontaminate with a separate run (--output) over the same input")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.dedup.reference import ReferenceScores
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, REFERENCE, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -172,6 +173,11 @@ def write_shard_task(plan: PlanRef, shard: int) -> WrittenShard:
     return _unit(WRITE, plan, shard)
 
 
+@task(name=REFERENCE.name, task_run_name="reference-bucket-{bucket}", **_retrying)
+def reference_bucket_task(plan: PlanRef, bucket: int, entries: list, references: list[PlanRef]) -> ReferenceScores:
+    return _unit(REFERENCE, plan, bucket, entries=entries, references=references)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -186,6 +192,7 @@ TASKS: dict[str, Task] = {
         exact_eps_task,
         apply_threshold_task,
         estimate_recall_task,
+        reference_bucket_task,
         finalize_task,
         write_shard_task,
     )

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from semdedup_core.dedup import reference
 from semdedup_core.dedup.partitions import FAILED_SCHEMA
 from semdedup_core.run.plan import RunPlan, package_versions
 from semdedup_core.run.stage_results import PartitionIndex, RunSummary, SimilarityHistogram, SourceCounts, TuningResult, Written, WrittenShard
@@ -23,9 +24,11 @@ logger = logging.getLogger(__name__)
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
 REPORT_TOP_PAIRS = 20
 REPORT_TOP_SOURCES = 20
-# reason: "semantic" (max_sim > 1 - eps inside a cluster) or "exact" (identical content,
-# resolved before embedding: no max_sim, no cluster). kept_id: the kept item the removed
-# item's group resolves to (dup_of followed until a kept item); source: where it lives.
+# reason: "semantic" (max_sim > 1 - eps inside a cluster), "exact" (identical content,
+# resolved before embedding: no max_sim, no cluster) or "reference" (dup_of is an item of a
+# reference set; docs/architecture.md §"Reference sets"). kept_id: the kept item the removed
+# item's group resolves to (dup_of followed until a kept item; null when the reference
+# removed the group's item); source: where it lives.
 REMOVED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -39,7 +42,10 @@ REMOVED_SCHEMA = pa.schema(
 )
 # Removed rows between the two passes of finalize, grouped by input shard.
 _SPILL_SCHEMA = pa.schema(
-    [("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("kept_id", pa.string()), ("shard", pa.int32()), ("row", pa.int64())]
+    [
+        ("id", pa.string()), ("dup_of", pa.string()), ("max_sim", pa.float32()), ("cluster", pa.int32()), ("kept_id", pa.string()),
+        ("reason", pa.string()), ("shard", pa.int32()), ("row", pa.int64()),
+    ]
 )
 _SPILL_FLUSH_ROWS = 131072
 # result/similarity.json: bins of 1e-4 over the whole cosine range.
@@ -73,10 +79,10 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
 
     partition_index = PartitionIndex.model_validate(read_json(layout.partition_index))
     exact_targets = pc.unique(exact.removed.column("dup_of").combine_chunks())
-    target_kept: list[pa.Table] = []  # (id, kept_id) of the items exact copies point to
+    target_kept: list[pa.Table] = []  # (id, kept_id, reason, dup_of, max_sim) of the items exact copies point to
     kept_per_shard = np.zeros(n_shards, np.int64)
     spill_groups: dict[int, list[int]] = {}  # shard -> row groups of the spill file
-    n_kept = n_removed = 0
+    n_kept = n_removed = n_reference = 0
     top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
     histogram = np.zeros(_HISTOGRAM_BINS, np.int64)
     n_first = 0
@@ -87,12 +93,16 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             where = _bucket_rows(plan, partition_index.buckets[bucket])
             at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
             shard, row = where.column("shard").take(at), where.column("row").take(at)
-            kept_mask = scores.column("kept")
             n_first += _add_to_histogram(histogram, scores.column("max_sim"))
             kept_id = _kept_ids(scores, read_parquet(layout.scores_earlier(bucket)) if plan.earlier else None)
+            reason = pa.repeat("semantic", scores.num_rows)
+            if plan.references:  # docs/architecture.md §"Reference sets"
+                scores, kept_id, reason = reference.decontaminate(plan, bucket, scores, kept_id, eps)
+            kept_mask = scores.column("kept")
             kept_w.write_table(scores.filter(kept_mask).select(["id"]).cast(KEPT_SCHEMA))
             kept_per_shard += np.bincount(shard.filter(kept_mask).to_numpy(), minlength=n_shards)
-            target_kept.append(pa.table({"id": scores.column("id"), "kept_id": kept_id}).filter(pc.is_in(scores.column("id"), value_set=exact_targets)))
+            targets_here = {"id": scores.column("id"), "kept_id": kept_id, "reason": reason, "dup_of": scores.column("dup_of"), "max_sim": scores.column("max_sim")}
+            target_kept.append(pa.table(targets_here).filter(pc.is_in(scores.column("id"), value_set=exact_targets)))
             gone = pc.invert(kept_mask)
             removed = pa.table(
                 {
@@ -101,6 +111,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
                     "max_sim": scores.column("max_sim"),
                     "cluster": scores.column("cluster"),
                     "kept_id": kept_id,
+                    "reason": reason,
                     "shard": shard,
                     "row": row,
                 }
@@ -108,15 +119,20 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             spill.add(removed.cast(_SPILL_SCHEMA))
             n_kept += scores.num_rows - removed.num_rows
             n_removed += removed.num_rows
+            n_reference += pc.sum(pc.equal(removed.column("reason"), reference.REASON)).as_py() or 0
             top = removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS)
             top_removed.append(top.select(["id", "dup_of", "max_sim", "cluster"]))
         spill.flush()
 
     targets = pa.concat_tables(target_kept) if target_kept else pa.table({"id": pa.array([], pa.string()), "kept_id": pa.array([], pa.string())})
-    exact_kept_id = targets.column("kept_id").take(pc.index_in(exact.removed.column("dup_of"), value_set=targets.column("id").combine_chunks()))
-    if exact_kept_id.null_count:
+    target_at = pc.index_in(exact.removed.column("dup_of"), value_set=targets.column("id").combine_chunks())
+    if target_at.null_count:
         raise RuntimeError("an exact copy's original was neither judged nor failed")
-    exact_removed = exact.removed.append_column("kept_id", exact_kept_id).sort_by("shard")
+    exact_removed = exact.removed.append_column("kept_id", targets.column("kept_id").take(target_at))
+    if plan.references:
+        exact_removed = reference.exact_copies_of_removed(exact_removed, targets)
+        n_reference += pc.sum(pc.equal(exact_removed.column("reason"), reference.REASON)).as_py() or 0
+    exact_removed = exact_removed.sort_by("shard")
     exact_bounds = np.searchsorted(exact_removed.column("shard").to_numpy(), np.arange(n_shards + 1))
     removed_per_shard = np.zeros(n_shards, np.int64)
     with parquet_writer(layout.removed, REMOVED_SCHEMA) as removed_w:
@@ -151,6 +167,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
         n_removed=n_removed,
         n_exact=n_exact,
         n_failed=n_failed,
+        n_reference=n_reference if plan.references else None,
         n_long_texts=long_texts,
         long_text=plan.config.long_text if long_texts is not None else None,
         eps=eps,
@@ -260,14 +277,13 @@ def _shard_removed(plan: RunPlan, shard_index: int, groups: list[int], copies: p
         rows = semantic.column("row")
         name = plan.shards[shard_index].name
         sources = pa.array([f"{name} row {r}" for r in rows.to_pylist()], pa.string())
-    n = semantic.num_rows
     table = pa.table(
         {
             "id": semantic.column("id"),
             "dup_of": semantic.column("dup_of"),
             "max_sim": semantic.column("max_sim"),
             "cluster": semantic.column("cluster"),
-            "reason": pa.array(["semantic"] * n, pa.string()),
+            "reason": semantic.column("reason"),
             "kept_id": semantic.column("kept_id"),
             "source": sources,
             "row": rows,

@@ -4,7 +4,9 @@
          ─▶ fit centroids (sample) ─▶ assign[shard] ─▶ collect
          ─▶ tune eps (target_keep: the sampled prediction) ─▶ dedup[bucket]
          ─▶ threshold (target_keep, tuning='exact': eps met on every item ─▶ apply[bucket])
-         ─▶ recall (the paper's eta on a seeded sample, at the final eps) ─▶ finalize ─▶ write[shard]                                  (if asked: the dataset back)
+         ─▶ recall (the paper's eta on a seeded sample, at the final eps)
+         ─▶ reference[bucket]   (--reference: each set embedded, assigned after fit, then per bucket)
+         ─▶ finalize ─▶ write[shard]                                  (if asked: the dataset back)
 
 :func:`run_dag` walks it; an :class:`Executor` decides where each unit runs. The executor
 here runs units in this process (library use, notebooks, benchmarks); the Prefect flow
@@ -25,14 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from semdedup_core.config import RunConfig
-from semdedup_core.dedup import partitions, recall, scoring, tuning
+from semdedup_core.dedup import partitions, recall, reference, scoring, tuning
 from semdedup_core.embedding import stage as embedding
 from semdedup_core.results import dataset as dataset_writer
 from semdedup_core.results import summary as results
 from semdedup_core.run.collection import NothingNew, commit_generation, nothing_new_summary
 from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.lease import Lease
-from semdedup_core.run.plan import RunPlan, StageClock, plan_run, refusals_recorded, start_run, write_run_json
+from semdedup_core.run.plan import PlanRef, RunPlan, StageClock, plan_run, refusals_recorded, start_run, store_plan, write_run_json
 from semdedup_core.run.stage_results import (
     BucketScores,
     EmbedResult,
@@ -179,7 +181,16 @@ WRITE = Step(
     mapped=True,
     reusable=lambda stored, plan: plan.config.write_dataset <= stored.kept and plan.config.write_removed <= stored.removed,
 )
-STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, FINALIZE, WRITE)
+REFERENCE = Step(
+    "reference-bucket",
+    reference.score_against_references,
+    reference.ReferenceScores,
+    RunLayout.reference_done,
+    lambda r: f"bucket {r.bucket}: {r.n_scored} items compared with {r.n_reference_items} reference items of their clusters",
+    heavy=True,
+    mapped=True,
+)
+STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, REFERENCE, FINALIZE, WRITE)
 
 
 def threads_per_task(cfg: RunConfig) -> int:
@@ -309,6 +320,9 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
         executor.map(ASSIGN, plan, [s.index for s in plan.shards])
     with clock.stage("collect"):
         index = executor.run(COLLECT, plan)
+    if plan.references:
+        with clock.stage("reference-place"):
+            references = _place_references(plan, executor)
     tuned: TuningResult | None = None
     eps = cfg.effective_eps
     if cfg.target_keep is not None:
@@ -325,6 +339,9 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
             executor.map(APPLY, plan, buckets, eps=eps)
     with clock.stage("recall"):
         executor.run(RECALL, plan, eps=eps)
+    if plan.references:
+        with clock.stage("reference"):
+            executor.map(REFERENCE, plan, buckets, per_unit={"entries": index.buckets}, references=references)
     with clock.stage("finalize"):
         summary = executor.run(FINALIZE, plan, eps=eps, tuning=tuned, timings=dict(clock.seconds))
     if cfg.write_dataset or cfg.write_removed:
@@ -333,6 +350,31 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
         summary = results.record_written(plan, written, clock.seconds["write"])
     clock.record(plan)
     return summary
+
+
+def _place_references(plan: RunPlan, executor: Executor) -> list[PlanRef]:
+    """Each reference set through the run's own steps under reference/r-N: raw data scanned
+    and embedded, then every item assigned to the run's centroids (which the reference never
+    moves) and partitioned by the run's bucket plan."""
+    run = store_plan(plan)
+    placed = []
+    for sub in plan.references:
+        if sub.embeds:
+            shards = [s.index for s in sub.sources]
+            executor.map(SCAN, sub, shards)
+            executor.run(EXACT, sub)
+            executor.map(EMBED, sub, shards)
+        sub = reference.placed(sub, plan, run)
+        executor.run(FIT, sub)  # copies the run's centroids and bucket plan
+        assigned = executor.map(ASSIGN, sub, [s.index for s in sub.shards])
+        executor.run(COLLECT, sub)
+        left_out = sub.n_input - sum(r.n_assigned for r in assigned)
+        logger.info(
+            "reference %s: %d items placed, %d left out (unusable, or exact copies of another of its items; see %s)",
+            sub.config.input[0], sum(r.n_assigned for r in assigned), left_out, sub.config.output,
+        )
+        placed.append(store_plan(sub))
+    return placed
 
 
 def run_pipeline(cfg: RunConfig) -> RunSummary:

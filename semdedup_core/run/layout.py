@@ -25,7 +25,10 @@ _ARTIFACTS = {
     "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json|similarity\.json"),
     "report": re.compile(r"index\.html"),
     "written": re.compile(rf"{_SHARD}\.json"),
+    "reference": re.compile(rf"{_BUCKET}\.(?:parquet|json)"),
 }
+# Each reference set's own embedding and assignment artifacts, laid out as a run folder.
+_REFERENCE_RUN = re.compile(r"reference/r-\d{5,}/(.+)")
 _DATASET_FOLDERS = ("dataset", "removed")
 _IMAGE_LIST = re.compile(r"images-\d{5,}\.txt")
 # What on_existing='reuse-embeddings' keeps of an earlier run.
@@ -38,6 +41,9 @@ def is_artifact(relative: str, dataset_names: frozenset[str] = frozenset()) -> b
 
     ``dataset_names``: the input file names the run writes back under dataset/ and removed/.
     """
+    nested = _REFERENCE_RUN.fullmatch(relative)
+    if nested is not None:
+        return not nested.group(1).startswith("reference/") and is_artifact(nested.group(1))
     folder, name = posixpath.split(relative)
     if folder in _DATASET_FOLDERS:
         return name in dataset_names or _IMAGE_LIST.fullmatch(name) is not None
@@ -208,3 +214,15 @@ class RunLayout:
     def written(self, shard: int) -> str:
         """Which of dataset/removed a shard's writer finished (its completion marker)."""
         return self._at("written", f"shard-{shard:05d}.json")
+
+    # reference sets (docs/architecture.md §"Reference sets")
+    def reference_run(self, index: int) -> str:
+        """The folder holding reference set ``index``'s embeddings and partitions."""
+        return self._at("reference", f"r-{index:05d}")
+
+    def reference_scores(self, bucket: int) -> str:
+        """A bucket's items: their most similar reference item (eps-independent)."""
+        return self._at("reference", f"bucket-{bucket:05d}.parquet")
+
+    def reference_done(self, bucket: int) -> str:
+        return self._at("reference", f"bucket-{bucket:05d}.json")

@@ -75,6 +75,8 @@ class RunPlan(BaseModel):
     # A generation of a collection (docs/architecture.md §"Collections"): the earlier runs
     # since the collection's base, base first, whose items the new ones are judged against.
     earlier: list[PlanRef] = []
+    # Reference sets (docs/architecture.md §"Reference sets"): one plan each, rooted in the run.
+    references: list[RunPlan] = []
     n_input: int
     dim: int
     clusters: int
@@ -130,7 +132,12 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
         return plan_generation(cfg)
     check_output(cfg)
-    return check_existing_run(plan_inputs(cfg))
+    plan = plan_inputs(cfg)
+    if cfg.reference:
+        from semdedup_core.dedup.reference import with_references
+
+        plan = with_references(plan)
+    return check_existing_run(plan)
 
 
 def plan_inputs(cfg: RunConfig) -> RunPlan:
@@ -271,11 +278,16 @@ def _may_overlap(pattern: list[str], globbed: bool, output: list[str]) -> bool:
     return True
 
 
+def overlaps_output(entry: str, output: str) -> bool:
+    """Whether the input URL or glob ``entry`` is, holds, or lies inside the folder ``output``."""
+    family, output_parts, _ = _location(output, pattern=False)
+    entry_family, parts, globbed = _location(entry, pattern=True)
+    return entry_family == family and _may_overlap(parts, globbed, output_parts)
+
+
 def _refuse_overlap(cfg: RunConfig) -> None:
-    family, output, _ = _location(cfg.output, pattern=False)
     for entry in cfg.input:
-        entry_family, parts, globbed = _location(entry, pattern=True)
-        if entry_family == family and _may_overlap(parts, globbed, output):
+        if overlaps_output(entry, cfg.output):
             raise ConfigError(
                 f"--output {cfg.output} overlaps the input {entry} (it is, holds, or lies inside what the input reads); choose an output folder outside the input"
             )

@@ -134,6 +134,8 @@ class RunSummary(StageResult):
     n_removed: int
     n_exact: int
     n_failed: int
+    # Removed with reason 'reference' (included in n_removed; exact copies of them too); None without a reference set.
+    n_reference: int | None = None
     eps: float | None
     target_keep: float | None = None
     # Of the judged items (input minus failed; exact copies count as removed), as target_keep.
