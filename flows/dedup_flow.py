@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -22,6 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from semdedup_core.config import RunConfig
 from semdedup_core.run.collection import NothingNew
 from semdedup_core.run.dag import DEDUP, EMBED, R, Step, run_dag
+from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.plan import PlanRef, RunPlan, store_plan
 from semdedup_core.run.stage_results import RunSummary
 from tasks.stages import TASKS, plan_run_task, storage_credentials
@@ -103,6 +105,7 @@ def semdedup_flow(config: RunConfig) -> RunSummary:
         summary = run_dag(config, PrefectExecutor(config))
     if summary.note is None:
         _summary_artifacts(summary)
+        _report_link(summary)
     return summary
 
 
@@ -125,3 +128,11 @@ def _summary_artifacts(summary: RunSummary) -> None:
                     "predicted_kept_fraction": summary.predicted_kept_fraction, "kept_fraction": summary.kept_fraction}],
             description="eps tuned to the target kept fraction",
         )
+
+
+def _report_link(summary: RunSummary) -> None:
+    """A link to the run's report (a file:// URL for a local output)."""
+    url = RunLayout(summary.output).report
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    create_link_artifact(key=artifact_key(summary.output, "report"), link=url, link_text="semdedup report", description=f"semdedup report of {summary.output}")

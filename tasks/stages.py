@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.results.report import ReportResult
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, REPORT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -161,6 +162,11 @@ def finalize_task(plan: PlanRef, eps: float, tuning: TuningResult | None, timing
     return _unit(FINALIZE, plan, eps=eps, tuning=tuning, timings=timings)
 
 
+@task(name=REPORT.name, **_retrying)
+def render_report_task(plan: PlanRef) -> ReportResult:
+    return _unit(REPORT, plan)
+
+
 @task(name=WRITE.name, task_run_name="write-shard-{shard}", **_retrying)
 def write_shard_task(plan: PlanRef, shard: int) -> WrittenShard:
     return _unit(WRITE, plan, shard)
@@ -180,6 +186,7 @@ TASKS: dict[str, Task] = {
         exact_eps_task,
         apply_threshold_task,
         finalize_task,
+        render_report_task,
         write_shard_task,
     )
 }
