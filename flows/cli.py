@@ -590,7 +590,7 @@ def _print_explanation(ex) -> None:
     from rich.markup import escape
 
     style = {"kept": "green", "removed": "red", "failed": "yellow"}[ex.decision]
-    console.print(f"[bold]{escape(ex.id)}[/bold]: [{style}]{ex.decision}[/{style}] - {escape(ex.reason)}", soft_wrap=True, highlight=False)
+    console.print(f"[bold]{escape(repr(ex.id))}[/bold]: [{style}]{ex.decision}[/{style}] - {escape(ex.reason)}", soft_wrap=True, highlight=False)
     table = Table(show_header=False, box=None)
     if ex.score is not None:
         table.add_row("cluster", f"{ex.score.cluster:,} (bucket {ex.score.bucket:,}), similarity to its centroid {ex.score.centroid_sim:.4f}")

@@ -183,6 +183,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#666}.flag{
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:1em;border:1px solid #ddd;border-radius:6px;padding:.6em;margin:.6em 0}
 .pair h3{grid-column:1/3;margin:0;font-size:1em}.item{overflow-wrap:anywhere;font-size:.92em}
 .item b{display:block;margin-bottom:.2em}mark{background:#ffe28a}.kept b{color:#176317}.removed b{color:#a11}
+.item img{min-width:96px;image-rendering:pixelated}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plots svg{max-width:100%;height:auto}
 """
 
