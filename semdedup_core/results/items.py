@@ -44,10 +44,12 @@ def stream_rows(url: str, columns: list[str], ids: Iterable[str], key: str = "id
     fs, path = filesystem(url)
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=list(dict.fromkeys([key, *columns]))):
-            hit = pc.is_in(batch.column(key), value_set=wanted)
+        # The key column of one row group at a time; the other columns only where it matches.
+        for group in range(pf.num_row_groups):
+            hit = pc.is_in(pf.read_row_group(group, columns=[key], use_threads=False).column(0), value_set=wanted)
             if pc.any(hit).as_py():
-                yield pa.Table.from_batches([batch.filter(hit)])
+                rows = pf.read_row_group(group, columns=list(dict.fromkeys([key, *columns])), use_threads=False)
+                yield rows.filter(hit)
 
 
 def _first_row(url: str, columns: list[str], item_id: str) -> dict | None:
