@@ -175,3 +175,30 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")] if p)}
+
+
+def test_flow_renders_the_report_as_its_own_task_and_links_it(prefect_harness, tmp_path):
+    """Under Prefect: the report is a task of the flow, a link artifact points at it, and a run
+    on precomputed embeddings says that it holds no content to show."""
+    from prefect.client.orchestration import get_client
+
+    from flows.dedup_flow import artifact_key, semdedup_flow
+    from semdedup_core.config import RunConfig
+    from tests.conftest import unit_rows, write_embeddings
+
+    rng = np.random.default_rng(4)
+    centres = unit_rows(rng, 6, 16)
+    vectors = centres[np.arange(90) % 6] + 0.05 * rng.standard_normal((90, 16)).astype(np.float32)
+    write_embeddings(tmp_path / "emb.parquet", [f"v{i}" for i in range(90)], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    out = tmp_path / "out"
+    semdedup_flow(config=RunConfig(input=[str(tmp_path / "emb.parquet")], output=str(out), eps=0.02, clusters=3))
+    marker = json.loads((out / "report/report.json").read_text())
+    assert marker["sections"] == SECTIONS and marker["n_pairs"] > 0
+    dom, _ = check_rendered(out / "report/index.html", tmp_path)
+    assert "precomputed embeddings: the run holds only ids" in dom
+    with get_client(sync_client=True) as client:
+        links = [a for a in client.read_artifacts(limit=200) if a.key == artifact_key(str(out), "report")]
+        names = {t.name for t in client.read_task_runs(limit=200)}
+    # Prefect stores a link artifact as markdown: [text](url).
+    assert len(links) == 1 and links[0].data == f"[semdedup report]({(out / 'report/index.html').resolve().as_uri()})"
+    assert any(name.startswith("render-report") for name in names)
