@@ -120,7 +120,8 @@ def test_explain_shows_both_texts_and_refuses_an_unfinished_run(tiny_bert, tmp_p
     texts = [" ".join(w if rng.random() > 0.1 else "w7" for w in base[i % 3].split()) for i in range(24)]
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").write_text("\n".join(json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)) + "\n")
+    lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)] + [json.dumps({"id": "blank", "text": "   "})]
+    (data / "a.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     run_raw(raw_config([data], out, model=str(tiny_bert), eps=0.01))
     removed = pq.read_table(out / "result/removed.parquet").to_pylist()
@@ -132,6 +133,8 @@ def test_explain_shows_both_texts_and_refuses_an_unfinished_run(tiny_bert, tmp_p
     by_id = {f"t{i}": t for i, t in enumerate(texts)}
     assert "removed" in said and by_id[semantic["id"]][:40] in said and by_id[semantic["dup_of"]][:40] in said
     assert f"kept at eps <= {1 - semantic['max_sim']:.6g}" in said
+    failed = subprocess.run([sys.executable, "-m", "flows.cli", "explain", str(out), "blank"], capture_output=True, text=True, timeout=300, env=env)
+    assert failed.returncode == 0 and "'blank': failed - text is only whitespace" in " ".join(failed.stdout.split()), failed.stdout + failed.stderr
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     refused = subprocess.run([sys.executable, "-m", "flows.cli", "explain", str(unfinished), "t1"], capture_output=True, text=True, timeout=300, env=env)

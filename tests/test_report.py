@@ -39,6 +39,21 @@ def _chromium(page: Path, *args: str, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 
+def load(page: Path, tmp: Path) -> tuple[str, list[str]]:
+    """The DOM headless Chromium builds from ``page``, and every console message it logged
+    (the report has no script: any message, an uncaught error or a failed load, is a fault)."""
+    dump = _chromium(page, "--dump-dom", tmp=tmp)
+    assert dump.returncode == 0, dump.stderr[-2000:]
+    return dump.stdout, [line for line in dump.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def test_the_console_check_sees_script_errors_and_failed_loads(tmp_path):
+    page = tmp_path / "faulty.html"
+    page.write_text('<html><body><img src="missing.png"><script>console.error("boom"); throw new Error("uncaught")</script></body></html>')
+    _, console = load(page, tmp_path)
+    assert any("boom" in line for line in console) and any("Uncaught" in line for line in console)
+
+
 class _Page(HTMLParser):
     """Section ids and image sources of a page."""
 
@@ -64,11 +79,8 @@ def check_rendered(report: Path, tmp: Path) -> tuple[str, str]:
     assert "None" not in re.sub(r"<svg\b.*?</svg>", "", raw, flags=re.S), "a None reached the page"
     assert not re.search(r"\d\.\d{9,}", re.sub(r"<svg\b.*?</svg>", "", raw, flags=re.S)), "a raw float reached the page"
     assert not re.search(r"(?:src|href)=\"(?:https?:)?//", raw), "the page loads something from the network"
-    dump = _chromium(report, "--dump-dom", tmp=tmp)
-    assert dump.returncode == 0, dump.stderr[-2000:]
-    errors = [line for line in dump.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "error" in line.lower())]
-    assert not errors, errors
-    dom = dump.stdout
+    dom, console = load(report, tmp)
+    assert not console, console
     parsed = _Page()
     parsed.feed(dom)
     assert parsed.sections == SECTIONS

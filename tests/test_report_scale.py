@@ -129,6 +129,7 @@ def _synthetic_run(out: Path) -> int:
     write_json(layout.clustering_stats, FitResult(clusters=CLUSTERS, buckets=N_BUCKETS, sample_size=500_000, iterations=20, objective=objective, imbalance_factor=[1.2] * 20, gpu=False).model_dump(mode="json"))
     n_input = N_ITEMS + N_FAILED
     per_source = [SourceCounts(source=s["url"], input=per_shard, kept=n_kept // N_SHARDS, removed=per_shard - n_kept // N_SHARDS, failed=0) for s in sources]
+    per_source.append(SourceCounts(source="lossy.jsonl", input=10_000, kept=1_000, removed=9_000, failed=0))  # lost far more than the rest
     summary = RunSummary(
         output=str(out), n_input=n_input, n_embedded=N_ITEMS, n_judged=N_ITEMS, n_kept=n_kept, n_removed=N_ITEMS - n_kept, n_exact=0, n_failed=N_FAILED,
         eps=EPS, kept_fraction=n_kept / N_ITEMS, clusters=CLUSTERS, buckets=N_BUCKETS, per_source=per_source, keep="hard", device="cpu",
@@ -149,6 +150,7 @@ def test_report_of_millions_of_items_in_bounded_memory(tmp_path):
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     page = (out / "report/index.html").read_text()
     assert measured["n_pairs"] > 0 and "3,000,000" in page and "300,000 items failed" in page
+    assert page.count('class="flag">unusual') == 1 and page.index("lossy.jsonl") < page.index("part-0.jsonl")
     # A full read of the scan files alone would hold full_bytes; the report holds a bucket,
     # a batch of a scan file and its samples.
     assert measured["full_read"] > measured["one_scan_file"] / 2, measured
