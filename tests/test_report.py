@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from tests.conftest import png_bytes, raw_config, run_raw, write_tar
 

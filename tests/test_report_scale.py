@@ -119,7 +119,7 @@ def _synthetic_run(out: Path) -> int:
         counts += np.bincount(np.clip(((finite + 1.0) / 1e-4).astype(np.int64), 0, 19999), minlength=20000)
     os.makedirs(out / "result", exist_ok=True)
     write_json(layout.similarity, SimilarityHistogram(lower=-1.0, width=1e-4, counts=counts.tolist(), n_first=N_BUCKETS, n_exact=0).model_dump(mode="json"))
-    reasons = pa.array([f"text is empty", "text has 900 tokens, more than max_length 512 (truncation is off)", "unreadable line (UnicodeDecodeError: at 17)"])
+    reasons = pa.array(["text is empty", "text has 900 tokens, more than max_length 512 (truncation is off)", "unreadable line (UnicodeDecodeError: at 17)"])
     pq.write_table(pa.table({"id": _ids(N_ITEMS, N_ITEMS + N_FAILED), "source": pa.nulls(N_FAILED, pa.string()), "error": reasons.take(pa.array(rng.integers(0, 3, N_FAILED)))}), layout.failed)
     sizes = np.bincount(rng.integers(0, CLUSTERS, N_ITEMS), minlength=CLUSTERS)
     os.makedirs(out / "partitions", exist_ok=True)

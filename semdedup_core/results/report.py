@@ -153,12 +153,13 @@ def render_report(layout: RunLayout) -> ReportResult:
     summary = RunSummary.model_validate(read_json(layout.summary))
     histogram = SimilarityHistogram.model_validate(read_json(layout.similarity)) if exists(layout.similarity) else None
     pairs = read_parquet(layout.pairs) if exists(layout.pairs) else PAIRS_SCHEMA.empty_table()
+    sampled, borderline = _pair_sections(layout, summary, pairs)
     sections = {
         "overview": ("Result", _overview(summary)),
         "eps-curve": ("Kept fraction over eps", _eps_section(layout, summary, histogram)),
         "similarity": ("Similarity to the nearest earlier item", _similarity_section(summary, histogram)),
-        "pairs": ("Duplicate pairs across the similarity range", ""),
-        "borderline": ("Borderline pairs", ""),
+        "pairs": ("Duplicate pairs across the similarity range", sampled),
+        "borderline": ("Borderline pairs", borderline),
         "sources": ("Per source", _sources_section(summary)),
         "failures": ("Failures by reason", _failures_section(layout, summary)),
         "long-texts": ("Long texts", _long_texts_section(summary)),
@@ -166,9 +167,6 @@ def render_report(layout: RunLayout) -> ReportResult:
         "kmeans": ("k-means", _kmeans_section(layout)),
         "recall": ("Recall of the cluster-local search (η)", _recall_section(layout)),
     }
-    sample, borderline = _pair_sections(layout, summary, pairs)
-    sections["pairs"] = (sections["pairs"][0], sample)
-    sections["borderline"] = (sections["borderline"][0], borderline)
     body = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>' for key, (title, content) in sections.items())
     page = _PAGE.format(style=_STYLE, output=html.escape(summary.output), body=body)
     write_bytes(layout.report, page.encode())
