@@ -152,7 +152,7 @@ def render_report(layout: RunLayout) -> ReportResult:
     matplotlib.use("Agg")
     summary = RunSummary.model_validate(read_json(layout.summary))
     histogram = SimilarityHistogram.model_validate(read_json(layout.similarity)) if exists(layout.similarity) else None
-    pairs = read_parquet(layout.pairs) if exists(layout.pairs) else PAIRS_SCHEMA.empty_table()
+    pairs = read_parquet(layout.pairs) if exists(layout.pairs) else None
     sampled, borderline = _pair_sections(layout, summary, pairs)
     sections = {
         "overview": ("Result", _overview(summary)),
@@ -170,7 +170,7 @@ def render_report(layout: RunLayout) -> ReportResult:
     body = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>' for key, (title, content) in sections.items())
     page = _PAGE.format(style=_STYLE, output=html.escape(summary.output), body=body)
     write_bytes(layout.report, page.encode())
-    return ReportResult(path=layout.report, n_pairs=pairs.num_rows, sections=list(sections))
+    return ReportResult(path=layout.report, n_pairs=pairs.num_rows if pairs is not None else 0, sections=list(sections))
 
 
 _STYLE = """
@@ -293,15 +293,17 @@ def _similarity_section(s: RunSummary, hist: SimilarityHistogram | None) -> str:
     ax.set_ylabel("items")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    above = int(counts[np.floor((1 - s.eps - hist.lower) / hist.width + 1e-9).astype(int) + 1 :].sum())
     return (
-        f"<p>{count(int(counts.sum()))} items had an earlier item in their cluster; {count(above)} lie above the threshold and were removed. "
+        f"<p>{count(int(counts.sum()))} items had an earlier item in their cluster; {count(s.n_removed - s.n_exact)} lie above the threshold and were removed. "
         f"{count(hist.n_first)} were first in their cluster (kept at every eps), {count(hist.n_exact)} were exact copies (removed at every eps).</p>"
         + f'<div class="plots">{_svg(fig)}</div>'
     )
 
 
-def _pair_sections(layout: RunLayout, s: RunSummary, pairs: pa.Table) -> tuple[str, str]:
+def _pair_sections(layout: RunLayout, s: RunSummary, pairs: pa.Table | None) -> tuple[str, str]:
+    if pairs is None:
+        missing = "<p>This run stored no pair sample (result/pairs.parquet).</p>"
+        return missing, missing
     if not pairs.num_rows:
         empty = "<p>No pair to show (no item had an earlier item in its cluster).</p>"
         return empty, empty
