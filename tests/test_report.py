@@ -174,9 +174,14 @@ def test_report_command_rerenders_from_stored_artifacts(tiny_bert, tmp_path):
     run_raw(raw_config([data], out, model=str(tiny_bert), eps=0.01))
     report = out / "report/index.html"
     report.unlink()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "report", str(out)], capture_output=True, text=True, timeout=300, env={**_env(), "BROWSER": ""})
+    # --open hands the page to the browser named by BROWSER (here a script noting what it got).
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path / "opened.txt"}\n')
+    browser.chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "report", str(out), "--open"], capture_output=True, text=True, timeout=300, env={**_env(), "BROWSER": str(browser)})
     assert done.returncode == 0, done.stderr
     assert report.exists() and str(report) in " ".join(done.stdout.split())
+    assert (tmp_path / "opened.txt").read_text().strip() == report.resolve().as_uri()
     check_rendered(report, tmp_path)
     missing = subprocess.run([sys.executable, "-m", "flows.cli", "report", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=300, env=_env())
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
