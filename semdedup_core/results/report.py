@@ -308,11 +308,11 @@ def _pair_sections(layout: RunLayout, s: RunSummary, pairs: pa.Table | None) -> 
         empty = "<p>No pair to show (no item had an earlier item in its cluster).</p>"
         return empty, empty
     rows = pairs.to_pylist()
-    wanted: dict[str, int | None] = {}
-    for r in rows:
-        wanted.setdefault(r["id"], r["shard"])
-        wanted.setdefault(r["dup_of"], r["dup_shard"])
+    # A dup_of with no shard is an earlier generation's item, held by another run.
+    wanted = {item: shard for r in rows for item, shard in ((r["id"], r["shard"]), (r["dup_of"], r["dup_shard"])) if shard is not None}
     contents = read_contents(layout, wanted)
+    for r in rows:
+        contents.setdefault(r["dup_of"], Content(r["dup_of"], note="an item of an earlier generation of the collection"))
     threshold = 1 - s.eps
     sample = [r for r in rows if r["kind"] == "sample"]
     sample.sort(key=lambda r: -r["max_sim"])
