@@ -120,7 +120,7 @@ def test_explain_shows_both_texts_and_refuses_an_unfinished_run(tiny_bert, tmp_p
     texts = [" ".join(w if rng.random() > 0.1 else "w7" for w in base[i % 3].split()) for i in range(24)]
     data = tmp_path / "data"
     data.mkdir()
-    lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)] + [json.dumps({"id": "blank", "text": "   "})]
+    lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)] + [json.dumps({"id": "blank", "text": "   "}), json.dumps({"id": "copy", "text": texts[5]})]
     (data / "a.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     run_raw(raw_config([data], out, model=str(tiny_bert), eps=0.01))
@@ -135,6 +135,10 @@ def test_explain_shows_both_texts_and_refuses_an_unfinished_run(tiny_bert, tmp_p
     assert f"kept at eps <= {1 - semantic['max_sim']:.6g}" in said
     failed = subprocess.run([sys.executable, "-m", "flows.cli", "explain", str(out), "blank"], capture_output=True, text=True, timeout=300, env=env)
     assert failed.returncode == 0 and "'blank': failed - text is only whitespace" in " ".join(failed.stdout.split()), failed.stdout + failed.stderr
+    copy = explain(RunLayout(str(out)), "copy")
+    stored = next(r for r in removed if r["id"] == "copy")
+    assert copy.decision == "removed" and "identical content" in copy.reason and copy.flip_eps is None
+    assert copy.chain == [(stored["dup_of"], None)] and copy.kept_id == stored["kept_id"] and copy.contents["copy"].text == texts[5]
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     refused = subprocess.run([sys.executable, "-m", "flows.cli", "explain", str(unfinished), "t1"], capture_output=True, text=True, timeout=300, env=env)
