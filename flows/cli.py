@@ -537,6 +537,87 @@ def demo(
     console.print(f"Deduplicated corpus: {layout.dataset('')}  Report: {layout.report}", soft_wrap=True, markup=False, highlight=False)
 
 
+@app.command(epilog="Example: semdedup report ./out --open")
+def report(
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="A finished run's folder (local path, file://, s3://).")],
+    open_report: Annotated[bool, typer.Option("--open", help="Open the report in a web browser where one exists (else print its path).", show_default=True)] = False,
+) -> None:
+    """(Re)render a finished run's report, report/index.html, from its stored artifacts (nothing is recomputed)."""
+    log = RunLog()
+    with _errors_reported(log):
+        from semdedup_core.results.items import NotAFinishedRun, finished_summary
+        from semdedup_core.results.report import render_report
+        from semdedup_core.run.layout import RunLayout
+
+        layout = RunLayout(output)
+        try:
+            finished_summary(layout)
+        except NotAFinishedRun as exc:
+            log.fail(EXIT_REFUSED, str(exc))
+        path = render_report(layout).path
+    console.print(f"Report: {path}", soft_wrap=True, markup=False, highlight=False)
+    if open_report:
+        _open_in_browser(path)
+
+
+def _open_in_browser(path: str) -> None:
+    import webbrowser
+
+    url = path if "://" in path else Path(path).resolve().as_uri()
+    try:
+        webbrowser.get().open(url)
+    except webbrowser.Error:
+        console.print("No web browser found here; open the file above yourself.", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command(epilog="Example: semdedup explain ./out 'doc-0042'")
+def explain(
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="A finished run's folder (local path, file://, s3://).")],
+    item_id: Annotated[str, typer.Argument(metavar="ID", help="The item's id, as in result/kept.parquet, removed.parquet or failed.parquet.")],
+) -> None:
+    """Why an item was kept, removed or failed: its cluster and the cluster's representative,
+    its similarity, the dup_of chain to the kept item, both contents, and the eps that would
+    flip the decision (removed iff similarity > 1 - eps)."""
+    log = RunLog()
+    with _errors_reported(log):
+        from semdedup_core.results.items import NotAFinishedRun, UnknownItem, explain as explain_item
+        from semdedup_core.run.layout import RunLayout
+
+        try:
+            ex = explain_item(RunLayout(output), item_id)
+        except (NotAFinishedRun, UnknownItem) as exc:
+            log.fail(EXIT_REFUSED, str(exc))
+    _print_explanation(ex)
+
+
+def _print_explanation(ex) -> None:
+    from rich.markup import escape
+
+    style = {"kept": "green", "removed": "red", "failed": "yellow"}[ex.decision]
+    console.print(f"[bold]{escape(repr(ex.id))}[/bold]: [{style}]{ex.decision}[/{style}] - {escape(ex.reason)}", soft_wrap=True, highlight=False)
+    table = Table(show_header=False, box=None)
+    if ex.score is not None:
+        table.add_row("cluster", f"{ex.score.cluster:,} (bucket {ex.score.bucket:,}), similarity to its centroid {ex.score.centroid_sim:.4f}")
+        table.add_row("cluster representative", escape(f"{ex.representative} (the item nearest the centroid)"))
+        table.add_row("similarity", "none (first in its cluster)" if ex.score.max_sim is None else f"{ex.score.max_sim:.6f} to {escape(repr(ex.score.dup_of))}")
+    if ex.eps is not None:
+        table.add_row("eps", f"{ex.eps:.6g} (threshold {1 - ex.eps:.6f})")
+    if ex.chain:
+        hops = " -> ".join(f"{i!r}" + (f" ({s:.4f})" if s is not None else "") for i, s in ex.chain)
+        table.add_row("dup_of chain", escape(f"{ex.id!r} -> {hops}: kept item {ex.kept_id!r}"))
+    if ex.flip_eps is not None:
+        when = f"eps <= {ex.flip_eps:.6g}" if ex.flip == "kept" else f"eps > {ex.flip_eps:.6g}"
+        table.add_row("flips", f"{ex.flip} at {when}")
+    console.print(table)
+    for label, item in (("this item", ex.id), ("its most similar earlier item", ex.score.dup_of if ex.score else None), ("the kept item", ex.kept_id)):
+        content = ex.contents.get(item) if item is not None else None
+        if content is None or (label == "the kept item" and ex.score is not None and item == ex.score.dup_of):
+            continue
+        shown = content.text if content.text is not None else content.path or content.note or "no content"
+        console.print(f"[bold]{label}[/bold] {escape(repr(item))}:", highlight=False)
+        console.print(escape(_clip(shown, 600)) + (f" ({escape(content.path)})" if content.text is not None and content.path else ""), soft_wrap=True, highlight=False)
+
+
 def _clip(text: str, width: int = 110) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -122,6 +123,7 @@ def semdedup_flow(config: RunConfig) -> RunSummary:
         summary = run_dag(config, PrefectExecutor(config))
         if summary.note is None:
             run_artifacts(summary, RunLayout(summary.output))
+            _report_link(summary)
     return summary
 
 
@@ -222,3 +224,11 @@ def _describe_recall(recall: RecallEstimate) -> str:
         f"{recall.eta:.2%}: {recall.pairs_in_cluster:,} of {recall.pairs_in_nearest:,} duplicate pairs of {recall.sample_items:,} sampled items "
         f"lie in their own cluster ({recall.nearest_clusters} nearest clusters searched)."
     )
+
+
+def _report_link(summary: RunSummary) -> None:
+    """A link to the run's report (a file:// URL for a local output)."""
+    url = RunLayout(summary.output).report
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    create_link_artifact(key=artifact_key(summary.output, "report"), link=url, link_text="semdedup report", description=f"semdedup report of {summary.output}")

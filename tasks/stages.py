@@ -22,7 +22,8 @@ from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
 from semdedup_core.dedup.reference import ReferenceScores
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, REFERENCE, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.results.report import ReportResult
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, REFERENCE, REPORT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -168,6 +169,11 @@ def finalize_task(plan: PlanRef, eps: float, tuning: TuningResult | None, timing
     return _unit(FINALIZE, plan, eps=eps, tuning=tuning, timings=timings)
 
 
+@task(name=REPORT.name, **_retrying)
+def render_report_task(plan: PlanRef) -> ReportResult:
+    return _unit(REPORT, plan)
+
+
 @task(name=WRITE.name, task_run_name="write-shard-{shard}", **_retrying)
 def write_shard_task(plan: PlanRef, shard: int) -> WrittenShard:
     return _unit(WRITE, plan, shard)
@@ -194,6 +200,7 @@ TASKS: dict[str, Task] = {
         estimate_recall_task,
         reference_bucket_task,
         finalize_task,
+        render_report_task,
         write_shard_task,
     )
 }

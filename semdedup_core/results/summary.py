@@ -1,8 +1,7 @@
-"""Finalize a run: kept / removed / failed, summary.json and the HTML report."""
+"""Finalize a run: kept / removed / failed, summary.json, and the samples the report shows."""
 
 from __future__ import annotations
 
-import html
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -13,17 +12,16 @@ import pyarrow.compute as pc
 
 from semdedup_core.dedup import reference
 from semdedup_core.dedup.partitions import FAILED_SCHEMA
+from semdedup_core.results.report import PairSampler
 from semdedup_core.run.plan import RunPlan, package_versions
 from semdedup_core.run.stage_results import PartitionIndex, RunSummary, SimilarityHistogram, SourceCounts, TuningResult, Written, WrittenShard
 from semdedup_core.inputs.precomputed import InputError
-from semdedup_core.storage import parquet_writer, read_json, read_parquet, remove, write_bytes, write_json, write_parquet
+from semdedup_core.storage import parquet_writer, read_json, read_parquet, remove, write_json, write_parquet
 from semdedup_core.dedup.tuning import target_miss_warning
 
 logger = logging.getLogger(__name__)
 
 KEPT_SCHEMA = pa.schema([("id", pa.string())])
-REPORT_TOP_PAIRS = 20
-REPORT_TOP_SOURCES = 20
 # reason: "semantic" (max_sim > 1 - eps inside a cluster), "exact" (identical content,
 # resolved before embedding: no max_sim, no cluster) or "reference" (dup_of is an item of a
 # reference set; docs/architecture.md §"Reference sets"). kept_id: the kept item the removed
@@ -83,7 +81,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
     kept_per_shard = np.zeros(n_shards, np.int64)
     spill_groups: dict[int, list[int]] = {}  # shard -> row groups of the spill file
     n_kept = n_removed = n_reference = 0
-    top_removed: list[pa.Table] = []  # the most similar removed pairs, gathered while streaming
+    pairs = PairSampler(eps, plan.config.seed)  # the report's pairs, gathered while streaming
     histogram = np.zeros(_HISTOGRAM_BINS, np.int64)
     n_first = 0
     with parquet_writer(layout.kept, KEPT_SCHEMA) as kept_w, parquet_writer(layout.removed_spill, _SPILL_SCHEMA) as spill_w:
@@ -93,7 +91,9 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             where = _bucket_rows(plan, partition_index.buckets[bucket])
             at = pc.index_in(scores.column("id"), value_set=where.column("id").combine_chunks())
             shard, row = where.column("shard").take(at), where.column("row").take(at)
+            # Both from the in-run judging, before any reference removal (which is eps-dependent).
             n_first += _add_to_histogram(histogram, scores.column("max_sim"))
+            pairs.add(scores, shard)
             kept_id = _kept_ids(scores, read_parquet(layout.scores_earlier(bucket)) if plan.earlier else None)
             reason = pa.repeat("semantic", scores.num_rows)
             if plan.references:  # docs/architecture.md §"Reference sets"
@@ -120,8 +120,6 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
             n_kept += scores.num_rows - removed.num_rows
             n_removed += removed.num_rows
             n_reference += pc.sum(pc.equal(removed.column("reason"), reference.REASON)).as_py() or 0
-            top = removed.sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS)
-            top_removed.append(top.select(["id", "dup_of", "max_sim", "cluster"]))
         spill.flush()
 
     targets = pa.concat_tables(target_kept) if target_kept else pa.table({"id": pa.array([], pa.string()), "kept_id": pa.array([], pa.string())})
@@ -184,8 +182,7 @@ def finalize(plan: RunPlan, eps: float, tuning: TuningResult | None, timings: di
     summary.warnings = [w for w in (target_miss_warning(summary),) if w]
     for warning in summary.warnings:
         logger.warning(warning)
-    top = pa.concat_tables(top_removed).sort_by([("max_sim", "descending")]).slice(0, REPORT_TOP_PAIRS) if top_removed else None
-    write_bytes(layout.report, render_report(plan, summary, top.to_pylist() if top is not None else []).encode())
+    write_parquet(layout.pairs, pairs.table())
     return summary
 
 
@@ -418,49 +415,3 @@ def record_written(plan: RunPlan, written: list[WrittenShard], seconds: float) -
     )
     write_json(plan.layout.summary, summary.model_dump(mode="json"))
     return summary
-
-
-def render_report(plan: RunPlan, summary: RunSummary, top: list[dict]) -> str:
-    """A self-contained page: the numbers, the stages, the most similar removed pairs."""
-    layout = plan.layout
-    stats = read_json(layout.clustering_stats)
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(getattr(summary, k)))}</td></tr>"
-        for k in (
-            "n_input", "n_judged", "n_kept", "n_removed", "n_exact", "n_failed", "n_long_texts", "long_text", "eps", "target_keep", "tuning",
-            "sampled_eps", "predicted_kept_fraction", "kept_fraction", "clusters", "keep", "device",
-        )
-    )
-    # The files that lost the largest share of their items first.
-    worst = sorted(summary.per_source, key=lambda r: -(r.removed + r.failed) / max(r.input, 1))[:REPORT_TOP_SOURCES]
-    sources = "".join(
-        f"<tr><td>{html.escape(r.source)}</td><td>{r.input}</td><td>{r.kept}</td><td>{r.removed}</td><td>{r.failed}</td>"
-        f"<td>{(r.removed + r.failed) / max(r.input, 1):.1%}</td></tr>"
-        for r in worst
-    )
-    stages = "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.2f} s</td></tr>" for k, v in summary.stage_seconds.items())
-    pairs = "".join(
-        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['dup_of']))}</td><td>{r['max_sim']:.6f}</td><td>{r['cluster']}</td></tr>" for r in top
-    )
-    imbalance = stats["imbalance_factor"][-1] if stats["imbalance_factor"] else float("nan")
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>semdedup report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
-<h1>semdedup run</h1><p>{html.escape(plan.config.output)}</p>
-<h2>Result</h2><table>{rows}</table>
-<p>Fractions are of the judged items (input minus failed); exact copies count as removed. With a target, eps is
-met on all judged items (tuning exact) or taken from the paper's sampled tuning (tuning sample, whose prediction is
-predicted_kept_fraction). n_long_texts: texts longer than the model's limit, handled as long_text says.</p>
-<h2>Stages</h2><table>{stages}</table>
-<h2>Clustering</h2><p>k={stats['clusters']}, sample {stats['sample_size']} points,
-{stats['iterations']} iterations, final imbalance factor {imbalance:.3f}</p>
-<h2>Most similar removed items</h2>
-<table><tr><th>removed</th><th>duplicate of</th><th>max_sim</th><th>cluster</th></tr>{pairs}</table>
-<p>Exact copies (identical content, removed before embedding) are listed in result/removed.parquet with reason "exact".
-Every removed row names the kept item its group resolves to (kept_id) and where it lives (source).</p>
-<h2>Per source</h2><p>{len(summary.per_source)} input files; the {len(worst)} that lost the largest share of their items
-(all of them in result/summary.json per_source):</p>
-<table><tr><th>source</th><th>input</th><th>kept</th><th>removed</th><th>failed</th><th>lost</th></tr>{sources}</table>
-</body></html>
-"""

@@ -6,7 +6,7 @@
          ─▶ threshold (target_keep, tuning='exact': eps met on every item ─▶ apply[bucket])
          ─▶ recall (the paper's eta on a seeded sample, at the final eps)
          ─▶ reference[bucket]   (--reference: each set embedded, assigned after fit, then per bucket)
-         ─▶ finalize ─▶ write[shard]                                  (if asked: the dataset back)
+         ─▶ finalize ─▶ report ─▶ write[shard]                        (if asked: the dataset back)
 
 :func:`run_dag` walks it; an :class:`Executor` decides where each unit runs. The executor
 here runs units in this process (library use, notebooks, benchmarks); the Prefect flow
@@ -30,6 +30,7 @@ from semdedup_core.config import RunConfig
 from semdedup_core.dedup import partitions, recall, reference, scoring, tuning
 from semdedup_core.embedding import stage as embedding
 from semdedup_core.results import dataset as dataset_writer
+from semdedup_core.results import report
 from semdedup_core.results import summary as results
 from semdedup_core.run.collection import NothingNew, commit_generation, nothing_new_summary
 from semdedup_core.run.layout import RunLayout
@@ -172,6 +173,13 @@ FINALIZE = Step(
     lambda layout: layout.summary,
     lambda r: f"{r.n_kept} kept, {r.n_removed} removed ({r.n_exact} exact copies), {r.n_failed} failed of {r.n_input} at eps={r.eps:.6g}",
 )
+REPORT = Step(
+    "render-report",
+    report.write_report,
+    report.ReportResult,
+    lambda layout: layout.report_done,
+    lambda r: f"report with {r.n_pairs} sampled pairs: {r.path}",
+)
 WRITE = Step(
     "write-shard",
     dataset_writer.write_shard,
@@ -190,7 +198,7 @@ REFERENCE = Step(
     heavy=True,
     mapped=True,
 )
-STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, REFERENCE, FINALIZE, WRITE)
+STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, REFERENCE, FINALIZE, REPORT, WRITE)
 
 
 def threads_per_task(cfg: RunConfig) -> int:
@@ -344,6 +352,8 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
             executor.map(REFERENCE, plan, buckets, per_unit={"entries": index.buckets}, references=references)
     with clock.stage("finalize"):
         summary = executor.run(FINALIZE, plan, eps=eps, tuning=tuned, timings=dict(clock.seconds))
+    with clock.stage("report"):
+        executor.run(REPORT, plan)
     if cfg.write_dataset or cfg.write_removed:
         with clock.stage("write"):
             written = executor.map(WRITE, plan, list(range(len(plan.sources or plan.shards))))

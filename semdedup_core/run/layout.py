@@ -22,8 +22,8 @@ _ARTIFACTS = {
     "partitions": re.compile(rf"{_SHARD}(?:\.parquet|\.f32|\.failed\.parquet|\.json)|index\.json|cluster_sizes\.npy"),
     "tuning": re.compile(rf"curve\.parquet|result\.json|sample\.json|sample-{_BUCKET}\.parquet"),
     "scores": re.compile(rf"{_BUCKET}\.(?:parquet|json|earlier\.parquet)"),
-    "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json|similarity\.json"),
-    "report": re.compile(r"index\.html"),
+    "result": re.compile(r"(?:kept|removed|failed|removed\.by-shard)\.parquet|summary\.json|similarity\.json|pairs\.parquet"),
+    "report": re.compile(r"index\.html|report\.json"),
     "written": re.compile(rf"{_SHARD}\.json"),
     "reference": re.compile(rf"{_BUCKET}\.(?:parquet|json)"),
 }
@@ -197,12 +197,22 @@ class RunLayout:
         return self._at("result", "similarity.json")
 
     @property
+    def pairs(self) -> str:
+        """finalize's seeded sample of (removed or kept item, its most similar earlier item) for the report."""
+        return self._at("result", "pairs.parquet")
+
+    @property
     def summary(self) -> str:
         return self._at("result", "summary.json")
 
     @property
     def report(self) -> str:
         return self._at("report", "index.html")
+
+    @property
+    def report_done(self) -> str:
+        """Written last by the report step: its completion marker."""
+        return self._at("report", "report.json")
 
     # the dataset written back in its own format
     def dataset(self, name: str) -> str:
