@@ -149,6 +149,11 @@ class RunConfig(BaseModel):
     changed_inputs: Literal["refuse", "skip"] = Field(
         "refuse", description="Collection: an input object processed before that has changed since: refuse the run, or skip the object."
     )
+    rethreshold_of: str | None = Field(
+        None,
+        description="A finished run this one rethresholds (semdedup rethreshold): its stored scores are judged at this eps or target_keep; "
+        "nothing is embedded, clustered or scored again.",
+    )
 
     @field_validator("input")
     @classmethod
@@ -159,10 +164,11 @@ class RunConfig(BaseModel):
             _refuse_credentials(url)
         return value
 
-    @field_validator("output")
+    @field_validator("output", "rethreshold_of")
     @classmethod
-    def _output_without_credentials(cls, value: str) -> str:
-        _refuse_credentials(value)
+    def _output_without_credentials(cls, value: str | None) -> str | None:
+        if value is not None:
+            _refuse_credentials(value)
         return value
 
     @model_validator(mode="before")
@@ -191,6 +197,8 @@ class RunConfig(BaseModel):
             raise ValueError("tuning='sample' is for target_keep; with eps there is nothing to tune")
         if not self.collection and (self.against != "kept" or self.refit or self.changed_inputs != "refuse"):
             raise ValueError("against, refit and changed_inputs are options of a collection (collection: true)")
+        if self.collection and self.rethreshold_of is not None:
+            raise ValueError("a collection cannot be rethresholded (its generations are judged against the kept items of earlier ones)")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, PREDICT, RESCORE, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -166,6 +166,16 @@ def write_shard_task(plan: PlanRef, shard: int) -> WrittenShard:
     return _unit(WRITE, plan, shard)
 
 
+@task(name=PREDICT.name, **_retrying)
+def predict_eps_task(plan: PlanRef) -> TuningResult:
+    return _unit(PREDICT, plan)
+
+
+@task(name=RESCORE.name, task_run_name="rethreshold-bucket-{bucket}", **_retrying)
+def rethreshold_bucket_task(plan: PlanRef, bucket: int, eps: float | None) -> BucketScores:
+    return _unit(RESCORE, plan, bucket, eps=eps)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -181,5 +191,7 @@ TASKS: dict[str, Task] = {
         apply_threshold_task,
         finalize_task,
         write_shard_task,
+        predict_eps_task,
+        rethreshold_bucket_task,
     )
 }

@@ -33,6 +33,7 @@ from semdedup_core.run.collection import NothingNew, commit_generation, nothing_
 from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.lease import Lease
 from semdedup_core.run.plan import RunPlan, StageClock, plan_run, refusals_recorded, start_run, write_run_json
+from semdedup_core.run import rethreshold
 from semdedup_core.run.stage_results import (
     BucketScores,
     EmbedResult,
@@ -169,7 +170,23 @@ WRITE = Step(
     mapped=True,
     reusable=lambda stored, plan: plan.config.write_dataset <= stored.kept and plan.config.write_removed <= stored.removed,
 )
-STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, FINALIZE, WRITE)
+# A rethreshold (run/rethreshold.py) replaces tune and dedup with these: nothing is scored again.
+PREDICT = Step(
+    "predict-eps-from-scores",
+    rethreshold.predict_from_scores,
+    TuningResult,
+    lambda layout: layout.tuning_prediction,
+    lambda r: f"sampled eps={r.eps:.6g} predicts kept fraction {r.predicted_kept_fraction:.4f} (target {r.target_keep:.4f}) from the stored scores of {r.sample_clusters} clusters",
+)
+RESCORE = Step(
+    "rethreshold-bucket",
+    rethreshold.rescore_bucket,
+    BucketScores,
+    RunLayout.scores_done,
+    lambda r: f"bucket {r.bucket}: {r.n_scored} stored scores" + (f", {r.n_removed} removed at eps={r.eps:.6g}" if r.eps is not None else ""),
+    mapped=True,
+)
+STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, FINALIZE, WRITE, PREDICT, RESCORE)
 
 
 def threads_per_task(cfg: RunConfig) -> int:
@@ -265,7 +282,7 @@ def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
         start_run(plan)
         try:
             with refusals_recorded(plan):
-                if plan.embeds:
+                if plan.embeds and plan.config.rethreshold_of is None:
                     plan = _embed(plan, executor, clock)
                 summary = _dedup(plan, executor, clock)
         except results.NoUsableItems:
@@ -293,21 +310,28 @@ def _embed(plan: RunPlan, executor: Executor, clock: StageClock) -> RunPlan:
 
 def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
     cfg = plan.config
-    with clock.stage("fit"):
-        executor.run(FIT, plan)
-    with clock.stage("assign"):
-        executor.map(ASSIGN, plan, [s.index for s in plan.shards])
-    with clock.stage("collect"):
-        index = executor.run(COLLECT, plan)
+    stored = cfg.rethreshold_of is not None  # a rethreshold: the source's partitions and scores, read only
+    if stored:
+        index = PartitionIndex.model_validate(read_json(plan.layout.partition_index))
+    else:
+        with clock.stage("fit"):
+            executor.run(FIT, plan)
+        with clock.stage("assign"):
+            executor.map(ASSIGN, plan, [s.index for s in plan.shards])
+        with clock.stage("collect"):
+            index = executor.run(COLLECT, plan)
     tuned: TuningResult | None = None
     eps = cfg.effective_eps
     if cfg.target_keep is not None:
         with clock.stage("tune"):
-            tuned = executor.run(TUNE, plan, partition_index=index)
+            tuned = executor.run(PREDICT, plan) if stored else executor.run(TUNE, plan, partition_index=index)
         eps = tuned.eps if cfg.tuning == "sample" else None
     with clock.stage("dedup"):
         buckets = list(range(plan.buckets))
-        executor.map(DEDUP, plan, buckets, per_unit={"entries": index.buckets}, eps=eps)
+        if stored:
+            executor.map(RESCORE, plan, buckets, eps=eps)
+        else:
+            executor.map(DEDUP, plan, buckets, per_unit={"entries": index.buckets}, eps=eps)
     if eps is None:  # tuning='exact': the eps meeting the target on every scored item
         with clock.stage("threshold"):
             tuned = executor.run(THRESHOLD, plan, partition_index=index, sampled=tuned)
