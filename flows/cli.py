@@ -406,6 +406,10 @@ def finished_summary(cfg: RunConfig) -> RunSummary | None:
     from semdedup_core.inputs.precomputed import discover_shards
     from semdedup_core.storage import exists, read_json
 
+    if cfg.rethreshold_of is not None:
+        from semdedup_core.run.rethreshold import finished_rethreshold
+
+        return finished_rethreshold(cfg)
     layout = RunLayout(cfg.output)
     if cfg.on_existing != "resume" or not exists(layout.summary) or not exists(layout.run_json):
         return None
@@ -462,6 +466,27 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     console.print(f"output: {summary.output}", soft_wrap=True, markup=False, highlight=False)
     if not verbose:
         console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command(epilog="Example: semdedup rethreshold runs/laion --eps 0.1 --to runs/laion-eps0.1 --write-dataset")
+def rethreshold(
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The folder of a finished run (read only).")],
+    to: Annotated[str, typer.Option("--to", help="New run folder for the new decisions (not inside OUTPUT or the inputs).")],
+    eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps.")] = None,
+    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Keep this fraction of the judged items, by choosing eps.")] = None,
+    write_dataset: Annotated[bool, typer.Option("--write-dataset", help="Write the kept items under TO/dataset/ in the input's format.")] = False,
+    write_removed: Annotated[bool, typer.Option("--write-removed", help="Write the removed items under TO/removed/.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """New kept/removed/failed lists (and the dataset) of a finished run at another --eps or
+    --target-keep, from its stored scores: nothing is embedded, clustered or scored again."""
+    log = RunLog()
+    with _errors_reported(log):
+        from semdedup_core.run.rethreshold import rethreshold_config
+
+        cfg = rethreshold_config(output, to, eps=eps, target_keep=target_keep, write_dataset=write_dataset, write_removed=write_removed)
+        summary = execute(cfg, log, verbose)
+    print_summary(summary, log, verbose)
 
 
 @app.command()
