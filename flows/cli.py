@@ -415,12 +415,60 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
     if server is not None:
         server.wait()
     if runner is None or runner.kind == "threads":
-        with tags(*labels):
+        with tags(*labels), progress_bars(log.terminal):
             return flow(config=cfg)
     if cfg.threads_per_task is None and runner.address is None:  # a local cluster: split the cores between its workers
         cfg = cfg.model_copy(update={"threads_per_task": max(1, (os.cpu_count() or 1) // cfg.workers)})
     with _api_for_workers(), tags(*labels, f"task-runner:{runner.kind}"):
         return flow.with_options(task_runner=runner.build(cfg.workers))(config=cfg)
+
+
+# Mapped stages shown as progress bars, by step name (run/dag.py).
+_PROGRESS_LABELS = {
+    "scan-shard": "scanning",
+    "embed-shard": "embedding",
+    "assign-shard": "assigning clusters",
+    "dedup-bucket": "deduplicating",
+    "rethreshold-bucket": "rethresholding",
+    "apply-threshold": "applying eps",
+    "write-shard": "writing the dataset",
+}
+
+
+@contextmanager
+def progress_bars(terminal: TextIO) -> Iterator[None]:
+    """Rich progress bars of the mapped stages (units, items, items/s, ETA) while the run
+    goes, on ``terminal`` when it is a terminal; nothing otherwise (CI logs, pipes)."""
+    if not terminal.isatty():
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from semdedup_core.run.dag import progress_listener
+
+    class ItemsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            items, seconds = task.fields.get("items", 0), task.fields.get("seconds", 0.0)
+            rate = f"{items / seconds:,.0f} items/s" if items and seconds > 0 else "- items/s"
+            return Text(f"{items:,} items, {rate}")
+
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ItemsPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(file=terminal),
+    )
+    shown: dict[str, Any] = {}
+
+    def show(event) -> None:
+        label = _PROGRESS_LABELS.get(event.step)
+        if label is None:
+            return
+        if event.step not in shown or event.units_done == 0:
+            shown[event.step] = bars.add_task(label, total=event.units)
+        bars.update(shown[event.step], completed=event.units_done, items=event.items_done, seconds=event.seconds)
+
+    with bars, progress_listener(show):
+        yield
 
 
 def _print_ui_url(flow, flow_run, state) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -221,11 +223,95 @@ def run_step(step: Step[R], plan: RunPlan, unit: int | None = None, **inputs: An
     if exists(url):
         stored = step.result.model_validate(read_json(url))
         if step.reusable is None or step.reusable(stored, plan, **inputs):
-            return stored
+            return _unit_done(step, stored)
     with compute_threads(plan.config) if step.heavy else nullcontext():
         result = step.compute(plan, unit, **inputs) if step.mapped else step.compute(plan, **inputs)
     write_json(url, result.model_dump(mode="json"))
+    return _unit_done(step, result)
+
+
+# ---------------------------------------------------------------- progress of mapped stages
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a mapped stage stands: units finished of all, the items those units held, and
+    the seconds since the stage started. Sent once as the stage starts, then per unit."""
+
+    step: str
+    units_done: int
+    units: int
+    items_done: int
+    seconds: float
+
+
+ProgressListener = Callable[[Progress], None]
+_listeners: list[ProgressListener] = []
+_stages: dict[str, list] = {}  # step name -> [units done, units, items done, start], while it is mapped
+_progress_lock = threading.Lock()
+
+
+@contextmanager
+def progress_listener(listener: ProgressListener) -> Iterator[None]:
+    """Call ``listener`` (from any thread) as mapped units finish in this process, whichever
+    executor runs them here; units run in other processes (Dask, Ray workers) are not seen."""
+    with _progress_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _progress_lock:
+            _listeners.remove(listener)
+
+
+def _items_of(result: StageResult) -> int:
+    """How many items a unit's result covers (its input rows, or the items it scored)."""
+    for field in ("n_items", "n_rows", "n_scored"):
+        value = getattr(result, field, None)
+        if isinstance(value, int):
+            return value
+    counts = getattr(result, "counts", None)
+    return sum(counts.values()) if isinstance(counts, dict) else 0
+
+
+def _notify(step: str) -> None:
+    done, units, items, start = _stages[step]
+    event = Progress(step, done, units, items, time.monotonic() - start)
+    for listener in list(_listeners):
+        listener(event)
+
+
+def _unit_done(step: Step[R], result: R) -> R:
+    with _progress_lock:
+        if step.name in _stages:
+            stage = _stages[step.name]
+            stage[0] += 1
+            stage[2] += _items_of(result)
+            _notify(step.name)
     return result
+
+
+class _Tracked:
+    """An executor whose mapped stages report their progress to the listeners."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def plan(self, cfg: RunConfig) -> RunPlan:
+        return self.executor.plan(cfg)
+
+    def run(self, step: Step[R], plan: RunPlan, **inputs: Any) -> R:
+        return self.executor.run(step, plan, **inputs)
+
+    def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
+        with _progress_lock:
+            _stages[step.name] = [0, len(units), 0, time.monotonic()]
+            _notify(step.name)
+        try:
+            return self.executor.map(step, plan, units, per_unit, **inputs)
+        finally:
+            with _progress_lock:
+                del _stages[step.name]
 
 
 class Executor(Protocol):
@@ -272,6 +358,7 @@ def _logged(step: Step[R], result: R) -> R:
 def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
     """The whole run: plan, take the lease, start or resume, then every stage."""
     clock = StageClock()
+    executor = _Tracked(executor)
     with clock.stage("plan"):
         try:
             plan = executor.plan(cfg)  # every misconfiguration fails here, before any work
