@@ -143,3 +143,26 @@ def test_no_progress_output_without_a_terminal(tmp_path, small_run_args):
     assert done.returncode == 0, done.stderr
     assert "items/s" not in done.stderr + done.stdout
     assert "\x1b[" not in done.stderr  # no cursor movement in logs or pipes
+
+
+def test_the_progress_hook_sees_every_unit_of_each_mapped_stage(tmp_path, small_run_args):
+    from semdedup_core.config import RunConfig
+    from semdedup_core.run.dag import progress_listener, run_pipeline
+
+    from .conftest import single_thread
+
+    events = []
+    cfg = RunConfig(input=[small_run_args[1]], output=str(tmp_path / "lib"), buckets=2, workers=2)
+    with single_thread(), progress_listener(events.append):
+        run_pipeline(cfg)
+    by_step: dict[str, list] = {}
+    for event in events:
+        by_step.setdefault(event.step, []).append(event)
+    assert set(by_step) == {"assign-shard", "dedup-bucket"}
+    for step, seen in by_step.items():
+        assert seen[0].units_done == 0 and seen[0].units == 2
+        assert [e.units_done for e in seen] == [0, 1, 2]
+        assert seen[-1].items_done == 600
+    # A listener that left hears nothing more.
+    run_pipeline(cfg.model_copy(update={"output": str(tmp_path / "again")}))
+    assert len(events) == sum(len(s) for s in by_step.values())

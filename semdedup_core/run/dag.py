@@ -223,11 +223,11 @@ def run_step(step: Step[R], plan: RunPlan, unit: int | None = None, **inputs: An
     if exists(url):
         stored = step.result.model_validate(read_json(url))
         if step.reusable is None or step.reusable(stored, plan, **inputs):
-            return _unit_done(step, stored)
+            return _unit_done(step, plan, stored)
     with compute_threads(plan.config) if step.heavy else nullcontext():
         result = step.compute(plan, unit, **inputs) if step.mapped else step.compute(plan, **inputs)
     write_json(url, result.model_dump(mode="json"))
-    return _unit_done(step, result)
+    return _unit_done(step, plan, result)
 
 
 # ---------------------------------------------------------------- progress of mapped stages
@@ -247,7 +247,8 @@ class Progress:
 
 ProgressListener = Callable[[Progress], None]
 _listeners: list[ProgressListener] = []
-_stages: dict[str, list] = {}  # step name -> [units done, units, items done, start], while it is mapped
+# (output, step name) -> [units done, units, items done, start] while the step is mapped
+_stages: dict[tuple[str, str], list] = {}
 _progress_lock = threading.Lock()
 
 
@@ -274,20 +275,21 @@ def _items_of(result: StageResult) -> int:
     return sum(counts.values()) if isinstance(counts, dict) else 0
 
 
-def _notify(step: str) -> None:
-    done, units, items, start = _stages[step]
-    event = Progress(step, done, units, items, time.monotonic() - start)
+def _notify(key: tuple[str, str]) -> None:
+    done, units, items, start = _stages[key]
+    event = Progress(key[1], done, units, items, time.monotonic() - start)
     for listener in list(_listeners):
         listener(event)
 
 
-def _unit_done(step: Step[R], result: R) -> R:
+def _unit_done(step: Step[R], plan: RunPlan, result: R) -> R:
+    key = (plan.config.output, step.name)
     with _progress_lock:
-        if step.name in _stages:
-            stage = _stages[step.name]
+        if key in _stages:
+            stage = _stages[key]
             stage[0] += 1
             stage[2] += _items_of(result)
-            _notify(step.name)
+            _notify(key)
     return result
 
 
@@ -304,14 +306,15 @@ class _Tracked:
         return self.executor.run(step, plan, **inputs)
 
     def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
+        key = (plan.config.output, step.name)
         with _progress_lock:
-            _stages[step.name] = [0, len(units), 0, time.monotonic()]
-            _notify(step.name)
+            _stages[key] = [0, len(units), 0, time.monotonic()]
+            _notify(key)
         try:
             return self.executor.map(step, plan, units, per_unit, **inputs)
         finally:
             with _progress_lock:
-                del _stages[step.name]
+                _stages.pop(key, None)
 
 
 class Executor(Protocol):
