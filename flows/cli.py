@@ -270,8 +270,7 @@ TaskRunner = Literal["threads", "dask", "ray"]
 
 def _default(field: str) -> str:
     """A config field's default as the help shows it (the CLI's own default is None: not given)."""
-    value = RunConfig.model_fields[field].get_default(call_default_factory=True)
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return str(RunConfig.model_fields[field].get_default(call_default_factory=True))
 
 
 def _one_of(kind: Any) -> str:
