@@ -14,14 +14,27 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import Annotated, Any, Literal, Optional, TextIO, get_args
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.table import Table
 
-from semdedup_core.config import ConfigError, RunConfig
+from semdedup_core.config import (
+    DEFAULT_EPS,
+    DEFAULT_IMAGE_MODEL,
+    DEFAULT_TEXT_MODEL,
+    ConfigError,
+    Device,
+    InputFormat,
+    KeepStrategy,
+    LongText,
+    Modality,
+    Pooling,
+    Precision,
+    RunConfig,
+)
 from flows.task_runners import RunnerChoice
 from semdedup_core.run.stage_results import RunSummary
 
@@ -58,6 +71,36 @@ app = typer.Typer(
     help="Semantic deduplication (SemDeDup) of image and text datasets.",
 )
 console = Console()
+
+
+def version_line() -> str:
+    """semdedup's version and those of the engines that decide its results (read from the
+    installed distributions: nothing heavy is imported)."""
+    import importlib.metadata
+    import platform
+
+    def installed(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    engines = [(name, installed(name)) for name in ("prefect", "torch", "faiss-cpu", "faiss-gpu")]
+    shown = ", ".join(f"{name} {v}" for name, v in engines if v is not None)
+    return f"semdedup {installed('semdedup') or 'unknown'} ({shown}, python {platform.python_version()})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback(epilog="Example: semdedup demo   (then: semdedup run --help)")
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the versions of semdedup, Prefect, torch and faiss, and exit.", callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """Semantic deduplication (SemDeDup) of image and text datasets."""
 
 # Exit codes (README): 2 a refusal before any work (misconfiguration, bad input, output
 # in use), 3 the run accounted every item but none was usable, 1 a failure while running.
@@ -217,53 +260,74 @@ def _errors_reported(log: RunLog) -> Iterator[None]:
         log.fail(EXIT_FAILED, f"unexpected {type(exc).__name__}: {exc} (details: {log.path})")
 
 
-@app.command()
+_INPUT, _MODEL, _DEDUP, _TUNING, _STORAGE, _EXECUTION = "Input", "Model", "Dedup", "Tuning", "Storage", "Execution"
+Tuning = RunConfig.model_fields["tuning"].annotation
+KmeansMethod = RunConfig.model_fields["kmeans_method"].annotation
+Against = RunConfig.model_fields["against"].annotation
+ChangedInputs = RunConfig.model_fields["changed_inputs"].annotation
+TaskRunner = Literal["threads", "dask", "ray"]
+
+
+def _default(field: str) -> str:
+    """A config field's default as the help shows it (the CLI's own default is None: not given)."""
+    return str(RunConfig.model_fields[field].get_default(call_default_factory=True))
+
+
+def _one_of(kind: Any) -> str:
+    """The choices of a Literal, spaced so that help text wraps between them, never inside one."""
+    return "one of: " + ", ".join(get_args(kind))
+
+
+@app.command(
+    epilog="Example: semdedup run 'data/shard-*.parquet' --output runs/laion --target-keep 0.8 --write-dataset  "
+    "(raw text or images: semdedup run 'docs/*.jsonl' -o runs/docs --eps 0.1)"
+)
 def run(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Dataset globs or URLs (local, file://, s3://, gs://).")],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder URL.")] = None,
-    collection: Annotated[Optional[str], typer.Option("--collection", help="A curated collection instead of --output: the first run is its base, each later run adds a generation with only the input objects not processed yet.")] = None,
-    against: Annotated[Optional[str], typer.Option("--against", help="Collection: judge new items against the earlier kept items (kept) or all earlier items (all).")] = None,
-    refit: Annotated[bool, typer.Option("--refit", help="Collection: start a new base over the whole input (may change earlier decisions).")] = False,
-    changed_inputs: Annotated[Optional[str], typer.Option("--changed-inputs", help="Collection: an input processed before that has changed: refuse | skip.")] = None,
-    reference: Annotated[Optional[list[str]], typer.Option("--reference", help="A reference set (repeatable): raw data, embeddings, or an earlier run or collection; items duplicating a reference item are removed with reason 'reference'.")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="auto|embeddings|clip-retrieval|webdataset|parquet|jsonl|images")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Embedding model name.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or checkpoint path.")] = None,
-    clusters: Annotated[Optional[int], typer.Option(help="k for k-means (default ceil(sqrt(n))).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps.")] = None,
-    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Keep this fraction of the judged items (input minus failed; exact copies count as removed), by choosing eps.")] = None,
-    tuning: Annotated[Optional[str], typer.Option(help="With --target-keep: exact (meet it on all items) | sample (the paper's sampled eps).")] = None,
-    keep: Annotated[Optional[str], typer.Option(help="hard|easy|random|metadata")] = None,
-    metadata_column: Annotated[Optional[list[str]], typer.Option("--metadata-column", help="Ranking column for --keep metadata (repeatable; 'name:asc' for smaller first).")] = None,
-    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with unique ids.")] = None,
-    embedding_column: Annotated[Optional[str], typer.Option("--embedding-column", help="Column with embeddings.")] = None,
-    modality: Annotated[Optional[str], typer.Option(help="auto|image|text: what to embed.")] = None,
-    text_column: Annotated[Optional[str], typer.Option("--text-column", help="Text column / jsonl field / webdataset extension (default 'text').")] = None,
-    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Parquet column with image bytes (default 'image').")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Text pooling: auto|mean|cls|last_token.")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Text: tokens per document (default: the model's limit).")] = None,
-    long_text: Annotated[Optional[str], typer.Option("--long-text", help="Text longer than the model's limit: chunk|truncate|fail (default chunk).")] = None,
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Dataset globs or URLs (local, file://, s3://, gs://).", show_default=False)],
+    changed_inputs: Annotated[Optional[ChangedInputs], typer.Option("--changed-inputs", metavar="ACTION", help=f"Collection: an input processed before that has changed; {_one_of(ChangedInputs)}.", show_default=_default("changed_inputs"), rich_help_panel=_INPUT)] = None,
+    format: Annotated[Optional[InputFormat], typer.Option("--format", metavar="FORMAT", help=f"Input format; {_one_of(InputFormat)}.", show_default=_default("format"), rich_help_panel=_INPUT)] = None,
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="Column with unique ids.", show_default="id", rich_help_panel=_INPUT)] = None,
+    embedding_column: Annotated[Optional[str], typer.Option("--embedding-column", help="Column with embeddings.", show_default=_default("embedding_column"), rich_help_panel=_INPUT)] = None,
+    modality: Annotated[Optional[Modality], typer.Option(metavar="MODALITY", help=f"What to embed; {_one_of(Modality)}.", show_default=_default("modality"), rich_help_panel=_INPUT)] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column", help="Text column / jsonl field / webdataset extension.", show_default=_default("text_column"), rich_help_panel=_INPUT)] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Parquet column with image bytes.", show_default=_default("image_column"), rich_help_panel=_INPUT)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options (the command line wins).", rich_help_panel=_INPUT)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Embedding model name: open_clip for images, transformers or a local folder for text.", show_default=f"{DEFAULT_IMAGE_MODEL[0]} / {DEFAULT_TEXT_MODEL}", rich_help_panel=_MODEL)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or checkpoint path.", show_default=DEFAULT_IMAGE_MODEL[1], rich_help_panel=_MODEL)] = None,
+    pooling: Annotated[Optional[Pooling], typer.Option(metavar="POOLING", help=f"Text pooling; {_one_of(Pooling)}.", show_default=_default("pooling"), rich_help_panel=_MODEL)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Text: tokens per document.", show_default="the model's limit", rich_help_panel=_MODEL)] = None,
+    long_text: Annotated[Optional[LongText], typer.Option("--long-text", metavar="HOW", help=f"Text longer than the model's limit; {_one_of(LongText)}.", show_default=_default("long_text"), rich_help_panel=_MODEL)] = None,
+    precision: Annotated[Optional[Precision], typer.Option(metavar="PRECISION", help=f"Model precision; {_one_of(Precision)}.", show_default=_default("precision"), rich_help_panel=_MODEL)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Items per model forward pass.", show_default=_default("batch_size"), rich_help_panel=_MODEL)] = None,
+    decode_workers: Annotated[Optional[int], typer.Option("--decode-workers", help="DataLoader workers decoding images.", show_default=_default("decode_workers"), rich_help_panel=_MODEL)] = None,
+    against: Annotated[Optional[Against], typer.Option("--against", metavar="WHICH", help=f"Collection: judge new items against the earlier kept items or all earlier items; {_one_of(Against)}.", show_default=_default("against"), rich_help_panel=_DEDUP)] = None,
+    refit: Annotated[bool, typer.Option("--refit", help="Collection: start a new base over the whole input (may change earlier decisions).", rich_help_panel=_DEDUP)] = False,
+    clusters: Annotated[Optional[int], typer.Option(help="k for k-means.", show_default="ceil(sqrt(n))", rich_help_panel=_DEDUP)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.", show_default=_default("seed"), rich_help_panel=_DEDUP)] = None,
+    eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps.", show_default=f"{DEFAULT_EPS} without --target-keep", rich_help_panel=_DEDUP)] = None,
+    reference: Annotated[Optional[list[str]], typer.Option("--reference", metavar="URL", help="A reference set (repeatable): raw data, embeddings, or an earlier run or collection; items duplicating a reference item are removed with reason 'reference' (test-set decontamination).", rich_help_panel=_DEDUP)] = None,
+    keep: Annotated[Optional[KeepStrategy], typer.Option(metavar="STRATEGY", help=f"Which item of a duplicate group is kept; {_one_of(KeepStrategy)}.", show_default=_default("keep"), rich_help_panel=_DEDUP)] = None,
+    metadata_column: Annotated[Optional[list[str]], typer.Option("--metadata-column", help="Ranking column for --keep metadata (repeatable; 'name:asc' for smaller first).", rich_help_panel=_DEDUP)] = None,
+    exact_dedup: Annotated[Optional[bool], typer.Option("--exact-dedup/--no-exact-dedup", help="Remove identical items before embedding.", show_default="--exact-dedup", rich_help_panel=_DEDUP)] = None,
+    kmeans_method: Annotated[Optional[KmeansMethod], typer.Option("--kmeans-method", metavar="METHOD", help=f"k-means over all k at once (flat), or coarse then fine clusters (two-level: faster for large k; auto picks by k); {_one_of(KmeansMethod)}.", show_default=_default("kmeans_method"), rich_help_panel=_DEDUP)] = None,
+    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Keep this fraction of the judged items (input minus failed; exact copies count as removed), by choosing eps.", rich_help_panel=_TUNING)] = None,
+    tuning: Annotated[Optional[Tuning], typer.Option(metavar="MODE", help=f"With --target-keep: exact meets it on all items, sample uses the paper's sampled eps; {_one_of(Tuning)}.", show_default=_default("tuning"), rich_help_panel=_TUNING)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder URL.", rich_help_panel=_STORAGE)] = None,
+    collection: Annotated[Optional[str], typer.Option("--collection", help="A curated collection instead of --output: the first run is its base, each later run adds a generation with only the input objects not processed yet.", rich_help_panel=_STORAGE)] = None,
+    write_dataset: Annotated[bool, typer.Option("--write-dataset", help="Write the kept items under OUTPUT/dataset/ in the input's format.", rich_help_panel=_STORAGE)] = False,
+    write_removed: Annotated[bool, typer.Option("--write-removed", help="Write the removed items under OUTPUT/removed/.", rich_help_panel=_STORAGE)] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run at --output and start over.", rich_help_panel=_STORAGE)] = False,
+    reuse_embeddings: Annotated[bool, typer.Option("--reuse-embeddings", help="Keep only the embeddings of an existing run at --output (same model and input) and redo the rest.", rich_help_panel=_STORAGE)] = False,
+    storage_block: Annotated[Optional[str], typer.Option("--storage-block", help="Prefect Secret block with S3 options (JSON).", show_default="the environment", rich_help_panel=_STORAGE)] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Kernel tile size.", show_default=_default("tile_size"), rich_help_panel=_EXECUTION)] = None,
+    buckets: Annotated[Optional[int], typer.Option(help="Number of dedup tasks.", show_default="sized from the data", rich_help_panel=_EXECUTION)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Heavy tasks run at once on this machine (threads), or local Dask/Ray workers.", show_default=_default("workers"), rich_help_panel=_EXECUTION)] = None,
+    threads_per_task: Annotated[Optional[int], typer.Option("--threads-per-task", help="torch/faiss threads per heavy task.", show_default="OMP_NUM_THREADS, else cores / workers", rich_help_panel=_EXECUTION)] = None,
+    task_runner: Annotated[TaskRunner, typer.Option("--task-runner", metavar="RUNNER", help=f"Where tasks run: this process, or a local Dask/Ray cluster (or --address); {_one_of(TaskRunner)}.", rich_help_panel=_EXECUTION)] = "threads",
+    address: Annotated[Optional[str], typer.Option("--address", help="An existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001) for --task-runner dask|ray.", rich_help_panel=_EXECUTION)] = None,
+    device: Annotated[Optional[Device], typer.Option(metavar="DEVICE", help=f"Where to compute; {_one_of(Device)}.", show_default=_default("device"), rich_help_panel=_EXECUTION)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.", rich_help_panel=_EXECUTION)] = False,
     truncation: Annotated[Optional[bool], typer.Option("--truncation/--no-truncation", hidden=True, help="Older spelling of --long-text truncate|fail.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="Model precision: auto|fp32|bf16|fp16.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Items per model forward pass.")] = None,
-    decode_workers: Annotated[Optional[int], typer.Option("--decode-workers", help="DataLoader workers decoding images.")] = None,
-    exact_dedup: Annotated[Optional[bool], typer.Option("--exact-dedup/--no-exact-dedup", help="Remove identical items before embedding.")] = None,
-    write_dataset: Annotated[bool, typer.Option("--write-dataset", help="Write the kept items under OUTPUT/dataset/ in the input's format.")] = False,
-    write_removed: Annotated[bool, typer.Option("--write-removed", help="Write the removed items under OUTPUT/removed/.")] = False,
-    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Kernel tile size.")] = None,
-    kmeans_method: Annotated[Optional[str], typer.Option("--kmeans-method", help="auto|flat|two-level: k-means over all k at once, or coarse then fine clusters (faster for large k; auto picks by k).")] = None,
-    buckets: Annotated[Optional[int], typer.Option(help="Number of dedup tasks.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Heavy tasks run at once on this machine (threads), or local Dask/Ray workers.")] = None,
-    threads_per_task: Annotated[Optional[int], typer.Option("--threads-per-task", help="torch/faiss threads per heavy task (default: OMP_NUM_THREADS, else cores / workers).")] = None,
-    task_runner: Annotated[str, typer.Option("--task-runner", help="Where tasks run: threads (this process) | dask | ray (a local cluster, or --address).")] = "threads",
-    address: Annotated[Optional[str], typer.Option("--address", help="An existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001) for --task-runner dask|ray.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run at --output and start over.")] = False,
-    reuse_embeddings: Annotated[bool, typer.Option("--reuse-embeddings", help="Keep only the embeddings of an existing run at --output (same model and input) and redo the rest.")] = False,
-    storage_block: Annotated[Optional[str], typer.Option("--storage-block", help="Prefect Secret block with S3 options (JSON).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with any of these options.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
     """Deduplicate INPUT... into --output."""
     log = RunLog()
@@ -352,12 +416,60 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
     if server is not None:
         server.wait()
     if runner is None or runner.kind == "threads":
-        with tags(*labels):
+        with tags(*labels), progress_bars(log.terminal):
             return flow(config=cfg)
     if cfg.threads_per_task is None and runner.address is None:  # a local cluster: split the cores between its workers
         cfg = cfg.model_copy(update={"threads_per_task": max(1, (os.cpu_count() or 1) // cfg.workers)})
     with _api_for_workers(), tags(*labels, f"task-runner:{runner.kind}"):
         return flow.with_options(task_runner=runner.build(cfg.workers))(config=cfg)
+
+
+# Mapped stages shown as progress bars, by step name (run/dag.py).
+_PROGRESS_LABELS = {
+    "scan-shard": "scanning",
+    "embed-shard": "embedding",
+    "assign-shard": "assigning clusters",
+    "dedup-bucket": "deduplicating",
+    "rethreshold-bucket": "rethresholding",
+    "apply-threshold": "applying eps",
+    "write-shard": "writing the dataset",
+}
+
+
+@contextmanager
+def progress_bars(terminal: TextIO) -> Iterator[None]:
+    """Rich progress bars of the mapped stages (units, items, items/s, ETA) while the run
+    goes, on ``terminal`` when it is a terminal; nothing otherwise (CI logs, pipes)."""
+    if not terminal.isatty():
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from semdedup_core.run.dag import progress_listener
+
+    class ItemsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            items, seconds = task.fields.get("items", 0), task.fields.get("seconds", 0.0)
+            rate = f"{items / seconds:,.0f} items/s" if items and seconds > 0 else "- items/s"
+            return Text(f"{items:,} items, {rate}")
+
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), ItemsPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(file=terminal),
+    )
+    shown: dict[str, Any] = {}
+
+    def show(event) -> None:
+        label = _PROGRESS_LABELS.get(event.step)
+        if label is None:
+            return
+        if event.step not in shown or event.units_done == 0:
+            shown[event.step] = bars.add_task(label, total=event.units)
+        bars.update(shown[event.step], completed=event.units_done, items=event.items_done, seconds=event.seconds)
+
+    with bars, progress_listener(show):
+        yield
 
 
 def _print_ui_url(flow, flow_run, state) -> None:
@@ -408,6 +520,10 @@ def finished_summary(cfg: RunConfig) -> RunSummary | None:
     from semdedup_core.inputs.precomputed import discover_shards
     from semdedup_core.storage import exists, read_json
 
+    if cfg.rethreshold_of is not None:
+        from semdedup_core.run.rethreshold import finished_rethreshold
+
+        return finished_rethreshold(cfg)
     layout = RunLayout(cfg.output)
     if cfg.on_existing != "resume" or not exists(layout.summary) or not exists(layout.run_json):
         return None
@@ -468,12 +584,37 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
         console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
 
 
-@app.command()
+@app.command(epilog="Example: semdedup rethreshold runs/laion --eps 0.1 --to runs/laion-eps0.1 --write-dataset")
+def rethreshold(
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The folder of a finished run (read only).")],
+    to: Annotated[str, typer.Option("--to", help="New run folder for the new decisions (not inside OUTPUT or the inputs).")],
+    eps: Annotated[Optional[float], typer.Option(help="Remove items with max similarity > 1 - eps (give this or --target-keep).")] = None,
+    target_keep: Annotated[Optional[float], typer.Option("--target-keep", help="Keep this fraction of the judged items, by choosing eps (exactly, or as the source's tuning says).")] = None,
+    write_dataset: Annotated[bool, typer.Option("--write-dataset", help="Write the kept items under TO/dataset/ in the input's format.")] = False,
+    write_removed: Annotated[bool, typer.Option("--write-removed", help="Write the removed items under TO/removed/.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Judge a finished run's stored scores at another --eps or --target-keep.
+
+    Writes new kept/removed/failed lists (and the dataset if asked) under --to; nothing is
+    embedded, clustered or scored again, and OUTPUT is only read."""
+    log = RunLog()
+    with _errors_reported(log):
+        from semdedup_core.run.rethreshold import rethreshold_config
+
+        cfg = rethreshold_config(output, to, eps=eps, target_keep=target_keep, write_dataset=write_dataset, write_removed=write_removed)
+        summary = execute(cfg, log, verbose)
+    print_summary(summary, log, verbose)
+
+
+@app.command(epilog="Example: semdedup status s3://bucket/collections/laion")
 def status(
     collection: Annotated[str, typer.Argument(metavar="COLLECTION", help="A collection URL (semdedup run --collection).")],
 ) -> None:
-    """Show a collection's generations: what each processed and decided, and how far the
-    collection has drifted from its base's clustering."""
+    """Show a collection's generations and its drift.
+
+    What each generation processed and decided, and how far the collection has drifted
+    from its base's clustering."""
     log = RunLog()
     with _errors_reported(log):
         from semdedup_core.run.collection import read_collection
@@ -502,7 +643,7 @@ def status(
             console.print(f"refit recommended: {last.reason} (semdedup run ... --collection {collection} --refit)", soft_wrap=True, markup=False, highlight=False)
 
 
-@app.command()
+@app.command(epilog="Example: semdedup demo --output /tmp/semdedup-demo/run")
 def demo(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder (default: ./semdedup-demo/run).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

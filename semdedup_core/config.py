@@ -155,6 +155,11 @@ class RunConfig(BaseModel):
         "semdedup run or collection. An item whose similarity to a reference item of its cluster exceeds 1 - eps is removed with reason "
         "'reference'; reference items are never removed, written or counted.",
     )
+    rethreshold_of: str | None = Field(
+        None,
+        description="A finished run this one rethresholds (semdedup rethreshold): its stored scores are judged at this eps or target_keep; "
+        "nothing is embedded, clustered or scored again.",
+    )
 
     @field_validator("input")
     @classmethod
@@ -174,10 +179,11 @@ class RunConfig(BaseModel):
             _refuse_credentials(url)
         return value
 
-    @field_validator("output")
+    @field_validator("output", "rethreshold_of")
     @classmethod
-    def _output_without_credentials(cls, value: str) -> str:
-        _refuse_credentials(value)
+    def _output_without_credentials(cls, value: str | None) -> str | None:
+        if value is not None:
+            _refuse_credentials(value)
         return value
 
     @model_validator(mode="before")
@@ -208,6 +214,8 @@ class RunConfig(BaseModel):
             raise ValueError("against, refit and changed_inputs are options of a collection (collection: true)")
         if self.collection and self.reference:
             raise ValueError("reference sets are not supported with a collection yet: decontaminate with a separate run (--output) over the same input")
+        if self.collection and self.rethreshold_of is not None:
+            raise ValueError("a collection cannot be rethresholded (its generations are judged against the kept items of earlier ones)")
         if self.keep == "metadata" and not self.metadata_columns:
             raise ValueError("keep='metadata' needs metadata_columns")
         if self.keep != "metadata" and self.metadata_columns:

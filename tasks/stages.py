@@ -23,7 +23,7 @@ from semdedup_core.inputs.precomputed import InputError
 from semdedup_core.run.collection import NothingNew
 from semdedup_core.dedup.reference import ReferenceScores
 from semdedup_core.results.report import ReportResult
-from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, RECALL, REFERENCE, REPORT, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
+from semdedup_core.run.dag import APPLY, ASSIGN, COLLECT, DEDUP, EMBED, EXACT, FINALIZE, FIT, PREDICT, RECALL, REFERENCE, REPORT, RESCORE, SCAN, THRESHOLD, TUNE, WRITE, Step, run_step
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan, plan_run
 from semdedup_core.run.stage_results import (
     BucketScores,
@@ -184,6 +184,16 @@ def reference_bucket_task(plan: PlanRef, bucket: int, entries: list, references:
     return _unit(REFERENCE, plan, bucket, entries=entries, references=references)
 
 
+@task(name=PREDICT.name, **_retrying)
+def predict_eps_task(plan: PlanRef) -> TuningResult:
+    return _unit(PREDICT, plan)
+
+
+@task(name=RESCORE.name, task_run_name="rethreshold-bucket-{bucket}", **_retrying)
+def rethreshold_bucket_task(plan: PlanRef, bucket: int, eps: float | None) -> BucketScores:
+    return _unit(RESCORE, plan, bucket, eps=eps)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -202,5 +212,7 @@ TASKS: dict[str, Task] = {
         finalize_task,
         render_report_task,
         write_shard_task,
+        predict_eps_task,
+        rethreshold_bucket_task,
     )
 }

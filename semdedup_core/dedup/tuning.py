@@ -127,6 +127,13 @@ def tune_eps(plan: RunPlan, partition_index: PartitionIndex) -> TuningResult:
         columns = {"id": data.ids, "cluster": data.cluster.astype(np.int32), "max_sim": pa.array(np.concatenate(bucket_sims), mask=first), "dup_index": np.concatenate(dup_index)}
         write_parquet(layout.tuning_sample(int(bucket)), pa.table(columns, schema=SAMPLE_SCHEMA))
     max_sim = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+    return sampled_prediction(plan, partition_index, len(chosen), max_sim)
+
+
+def sampled_prediction(plan: RunPlan, partition_index: PartitionIndex, sample_clusters: int, max_sim: np.ndarray) -> TuningResult:
+    """The paper's prediction from the sample's max_sim (NaN: first of its cluster): write
+    tuning/curve.parquet (with tuning='sample' also tuning/result.json) and return it."""
+    layout, cfg = plan.layout, plan.config
     n_scored = partition_index.n_assigned
     judged = judged_items(plan, n_scored)
     # The sample judges scored items only; exact copies are removed whatever eps is.
@@ -141,7 +148,7 @@ def tune_eps(plan: RunPlan, partition_index: PartitionIndex) -> TuningResult:
         sampled_eps=eps,
         predicted_kept_fraction=predicted_scored * share,
         n_judged=judged,
-        sample_clusters=len(chosen),
+        sample_clusters=sample_clusters,
         sample_items=len(max_sim),
     )
     if cfg.tuning == "sample":

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -36,6 +38,7 @@ from semdedup_core.run.collection import NothingNew, commit_generation, nothing_
 from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.lease import Lease
 from semdedup_core.run.plan import PlanRef, RunPlan, StageClock, plan_run, refusals_recorded, start_run, store_plan, write_run_json
+from semdedup_core.run import rethreshold
 from semdedup_core.run.stage_results import (
     BucketScores,
     EmbedResult,
@@ -198,7 +201,23 @@ REFERENCE = Step(
     heavy=True,
     mapped=True,
 )
-STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, REFERENCE, FINALIZE, REPORT, WRITE)
+# A rethreshold (run/rethreshold.py) replaces tune and dedup with these: nothing is scored again.
+PREDICT = Step(
+    "predict-eps-from-scores",
+    rethreshold.predict_from_scores,
+    TuningResult,
+    lambda layout: layout.tuning_prediction,
+    lambda r: f"sampled eps={r.eps:.6g} predicts kept fraction {r.predicted_kept_fraction:.4f} (target {r.target_keep:.4f}) from the stored scores of {r.sample_clusters} clusters",
+)
+RESCORE = Step(
+    "rethreshold-bucket",
+    rethreshold.rescore_bucket,
+    BucketScores,
+    RunLayout.scores_done,
+    lambda r: f"bucket {r.bucket}: {r.n_scored} stored scores" + (f", {r.n_removed} removed at eps={r.eps:.6g}" if r.eps is not None else ""),
+    mapped=True,
+)
+STEPS = (SCAN, EXACT, EMBED, FIT, ASSIGN, COLLECT, TUNE, DEDUP, THRESHOLD, APPLY, RECALL, REFERENCE, FINALIZE, REPORT, WRITE, PREDICT, RESCORE)
 
 
 def threads_per_task(cfg: RunConfig) -> int:
@@ -233,11 +252,98 @@ def run_step(step: Step[R], plan: RunPlan, unit: int | None = None, **inputs: An
     if exists(url):
         stored = step.result.model_validate(read_json(url))
         if step.reusable is None or step.reusable(stored, plan, **inputs):
-            return stored
+            return _unit_done(step, plan, stored)
     with compute_threads(plan.config) if step.heavy else nullcontext():
         result = step.compute(plan, unit, **inputs) if step.mapped else step.compute(plan, **inputs)
     write_json(url, result.model_dump(mode="json"))
+    return _unit_done(step, plan, result)
+
+
+# ---------------------------------------------------------------- progress of mapped stages
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a mapped stage stands: units finished of all, the items those units held, and
+    the seconds since the stage started. Sent once as the stage starts, then per unit."""
+
+    step: str
+    units_done: int
+    units: int
+    items_done: int
+    seconds: float
+
+
+ProgressListener = Callable[[Progress], None]
+_listeners: list[ProgressListener] = []
+# (output, step name) -> [units done, units, items done, start] while the step is mapped
+_stages: dict[tuple[str, str], list] = {}
+_progress_lock = threading.Lock()
+
+
+@contextmanager
+def progress_listener(listener: ProgressListener) -> Iterator[None]:
+    """Call ``listener`` (from any thread) as mapped units finish in this process, whichever
+    executor runs them here; units run in other processes (Dask, Ray workers) are not seen."""
+    with _progress_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _progress_lock:
+            _listeners.remove(listener)
+
+
+def _items_of(result: StageResult) -> int:
+    """How many items a unit's result covers (its input rows, or the items it scored)."""
+    for field in ("n_items", "n_rows", "n_scored"):
+        value = getattr(result, field, None)
+        if isinstance(value, int):
+            return value
+    counts = getattr(result, "counts", None)
+    return sum(counts.values()) if isinstance(counts, dict) else 0
+
+
+def _notify(key: tuple[str, str]) -> None:
+    done, units, items, start = _stages[key]
+    event = Progress(key[1], done, units, items, time.monotonic() - start)
+    for listener in list(_listeners):
+        listener(event)
+
+
+def _unit_done(step: Step[R], plan: RunPlan, result: R) -> R:
+    key = (plan.config.output, step.name)
+    with _progress_lock:
+        if key in _stages:
+            stage = _stages[key]
+            stage[0] += 1
+            stage[2] += _items_of(result)
+            _notify(key)
     return result
+
+
+class _Tracked:
+    """An executor whose mapped stages report their progress to the listeners."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def plan(self, cfg: RunConfig) -> RunPlan:
+        return self.executor.plan(cfg)
+
+    def run(self, step: Step[R], plan: RunPlan, **inputs: Any) -> R:
+        return self.executor.run(step, plan, **inputs)
+
+    def map(self, step: Step[R], plan: RunPlan, units: Sequence[int], per_unit: dict[str, Sequence] | None = None, **inputs: Any) -> list[R]:
+        key = (plan.config.output, step.name)
+        with _progress_lock:
+            _stages[key] = [0, len(units), 0, time.monotonic()]
+            _notify(key)
+        try:
+            return self.executor.map(step, plan, units, per_unit, **inputs)
+        finally:
+            with _progress_lock:
+                _stages.pop(key, None)
 
 
 class Executor(Protocol):
@@ -284,6 +390,7 @@ def _logged(step: Step[R], result: R) -> R:
 def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
     """The whole run: plan, take the lease, start or resume, then every stage."""
     clock = StageClock()
+    executor = _Tracked(executor)
     with clock.stage("plan"):
         try:
             plan = executor.plan(cfg)  # every misconfiguration fails here, before any work
@@ -294,7 +401,7 @@ def run_dag(cfg: RunConfig, executor: Executor) -> RunSummary:
         start_run(plan)
         try:
             with refusals_recorded(plan):
-                if plan.embeds:
+                if plan.embeds and plan.config.rethreshold_of is None:
                     plan = _embed(plan, executor, clock)
                 summary = _dedup(plan, executor, clock)
         except results.NoUsableItems:
@@ -322,12 +429,17 @@ def _embed(plan: RunPlan, executor: Executor, clock: StageClock) -> RunPlan:
 
 def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
     cfg = plan.config
-    with clock.stage("fit"):
-        executor.run(FIT, plan)
-    with clock.stage("assign"):
-        executor.map(ASSIGN, plan, [s.index for s in plan.shards])
-    with clock.stage("collect"):
-        index = executor.run(COLLECT, plan)
+    stored = cfg.rethreshold_of is not None  # a rethreshold: the source's partitions and scores, read only
+    if stored:
+        index = PartitionIndex.model_validate(read_json(plan.layout.partition_index))
+    else:
+        with clock.stage("fit"):
+            executor.run(FIT, plan)
+        with clock.stage("assign"):
+            executor.map(ASSIGN, plan, [s.index for s in plan.shards])
+        with clock.stage("collect"):
+            index = executor.run(COLLECT, plan)
+    references: list[PlanRef] = []
     if plan.references:
         with clock.stage("reference-place"):
             references = _place_references(plan, executor)
@@ -335,11 +447,14 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
     eps = cfg.effective_eps
     if cfg.target_keep is not None:
         with clock.stage("tune"):
-            tuned = executor.run(TUNE, plan, partition_index=index)
+            tuned = executor.run(PREDICT, plan) if stored else executor.run(TUNE, plan, partition_index=index)
         eps = tuned.eps if cfg.tuning == "sample" else None
     with clock.stage("dedup"):
         buckets = list(range(plan.buckets))
-        executor.map(DEDUP, plan, buckets, per_unit={"entries": index.buckets}, eps=eps)
+        if stored:
+            executor.map(RESCORE, plan, buckets, eps=eps)
+        else:
+            executor.map(DEDUP, plan, buckets, per_unit={"entries": index.buckets}, eps=eps)
     if eps is None:  # tuning='exact': the eps meeting the target on every scored item
         with clock.stage("threshold"):
             tuned = executor.run(THRESHOLD, plan, partition_index=index, sampled=tuned)
@@ -347,7 +462,7 @@ def _dedup(plan: RunPlan, executor: Executor, clock: StageClock) -> RunSummary:
             executor.map(APPLY, plan, buckets, eps=eps)
     with clock.stage("recall"):
         executor.run(RECALL, plan, eps=eps)
-    if plan.references:
+    if plan.references:  # never in a rethreshold (refused for runs with references)
         with clock.stage("reference"):
             executor.map(REFERENCE, plan, buckets, per_unit={"entries": index.buckets}, references=references)
     with clock.stage("finalize"):

@@ -61,9 +61,16 @@ def is_temp_artifact(relative: str, dataset_names: frozenset[str] = frozenset())
 @dataclass(frozen=True)
 class RunLayout:
     root: str
+    # A rethreshold run (semdedup_core/run/rethreshold.py) reads the eps-independent stage
+    # artifacts (scan, exact, embeddings, clustering fit, partitions) of the run it derives
+    # from, read-only, and writes everything else under its own root.
+    stages_root: str | None = None
 
     def _at(self, *parts: str) -> str:
         return join(self.root, *parts)
+
+    def _stage(self, *parts: str) -> str:
+        return join(self.stages_root or self.root, *parts)
 
     @property
     def run_json(self) -> str:
@@ -79,42 +86,42 @@ class RunLayout:
 
     # embedding stage (raw inputs): scan, exact duplicates, embeddings
     def scan(self, shard: int) -> str:
-        return self._at("scan", f"shard-{shard:05d}.parquet")
+        return self._stage("scan", f"shard-{shard:05d}.parquet")
 
     def scan_done(self, shard: int) -> str:
-        return self._at("scan", f"shard-{shard:05d}.json")
+        return self._stage("scan", f"shard-{shard:05d}.json")
 
     @property
     def exact_duplicates(self) -> str:
-        return self._at("exact", "duplicates.parquet")
+        return self._stage("exact", "duplicates.parquet")
 
     @property
     def exact_done(self) -> str:
-        return self._at("exact", "index.json")
+        return self._stage("exact", "index.json")
 
     def embeddings(self, shard: int) -> str:
-        return self._at("embeddings", f"shard-{shard:05d}.parquet")
+        return self._stage("embeddings", f"shard-{shard:05d}.parquet")
 
     def embeddings_failed(self, shard: int) -> str:
-        return self._at("embeddings", f"shard-{shard:05d}.failed.parquet")
+        return self._stage("embeddings", f"shard-{shard:05d}.failed.parquet")
 
     def embeddings_done(self, shard: int) -> str:
         """Written last by a shard's embedding: its completion marker."""
-        return self._at("embeddings", f"shard-{shard:05d}.json")
+        return self._stage("embeddings", f"shard-{shard:05d}.json")
 
     # clustering
     @property
     def centroids(self) -> str:
-        return self._at("clustering", "centroids.npy")
+        return self._stage("clustering", "centroids.npy")
 
     @property
     def bucket_of_cluster(self) -> str:
-        return self._at("clustering", "bucket_of_cluster.npy")
+        return self._stage("clustering", "bucket_of_cluster.npy")
 
     @property
     def clustering_stats(self) -> str:
         """Written last by the fit stage: its completion marker."""
-        return self._at("clustering", "fit.json")
+        return self._stage("clustering", "fit.json")
 
     @property
     def recall_estimate(self) -> str:
@@ -123,25 +130,25 @@ class RunLayout:
 
     # partitions (items grouped by bucket of clusters, one file per input shard)
     def partition(self, shard: int) -> str:
-        return self._at("partitions", f"shard-{shard:05d}.parquet")
+        return self._stage("partitions", f"shard-{shard:05d}.parquet")
 
     def partition_vectors(self, shard: int) -> str:
-        return self._at("partitions", f"shard-{shard:05d}.f32")
+        return self._stage("partitions", f"shard-{shard:05d}.f32")
 
     def partition_failed(self, shard: int) -> str:
-        return self._at("partitions", f"shard-{shard:05d}.failed.parquet")
+        return self._stage("partitions", f"shard-{shard:05d}.failed.parquet")
 
     def partition_manifest(self, shard: int) -> str:
         """Written last by a shard's assignment: its completion marker."""
-        return self._at("partitions", f"shard-{shard:05d}.json")
+        return self._stage("partitions", f"shard-{shard:05d}.json")
 
     @property
     def partition_index(self) -> str:
-        return self._at("partitions", "index.json")
+        return self._stage("partitions", "index.json")
 
     @property
     def cluster_sizes(self) -> str:
-        return self._at("partitions", "cluster_sizes.npy")
+        return self._stage("partitions", "cluster_sizes.npy")
 
     # tuning
     @property

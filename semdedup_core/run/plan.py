@@ -89,7 +89,7 @@ class RunPlan(BaseModel):
 
     @property
     def layout(self) -> RunLayout:
-        return RunLayout(self.config.output)
+        return RunLayout(self.config.output, self.config.rethreshold_of)
 
 
 def store_plan(plan: RunPlan) -> PlanRef:
@@ -131,6 +131,10 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         from semdedup_core.run.collection import plan_generation
 
         return plan_generation(cfg)
+    if cfg.rethreshold_of is not None:
+        from semdedup_core.run.rethreshold import plan_rethreshold
+
+        return plan_rethreshold(cfg)
     check_output(cfg)
     plan = plan_inputs(cfg)
     if cfg.reference:
@@ -527,7 +531,7 @@ def write_run_json(plan: RunPlan, restart: bool = False) -> None:
             "fingerprints": plan.fingerprints,
             "versions": package_versions(),
             "stages": previous.get("stages", {}),
-            "parent_run": None,
+            "parent_run": plan.config.rethreshold_of,
         },
     )
 
