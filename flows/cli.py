@@ -128,8 +128,8 @@ class EphemeralServerStart:
     and in its own, the database check). Started on a thread, it starts on the other core while
     this process plans the run and imports the flow, instead of after them. :meth:`wait`
     before the flow talks to Prefect; a failure to start is raised there, as the flow would
-    raise it. Nothing starts when PREFECT_API_URL names a server. A refused run exits with
-    the server still starting: Prefect stops it at exit."""
+    raise it. Nothing starts when PREFECT_API_URL names a server. A refused run first lets the
+    start finish (:meth:`settle`), and Prefect stops the server at exit."""
 
     def __init__(self) -> None:
         self._error: BaseException | None = None
@@ -152,6 +152,11 @@ class EphemeralServerStart:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def settle(self) -> None:
+        """Wait for the start to end, whatever it gives: a daemon thread still importing or
+        writing to stderr while the interpreter shuts down aborts the process (SIGABRT)."""
+        self._thread.join()
 
 
 def _log_folder() -> Path:
@@ -407,6 +412,10 @@ def execute(cfg: RunConfig, log: RunLog, verbose: bool = False, runner: RunnerCh
             plan_run(cfg)
         except NothingNew as exc:  # a collection with nothing new: done, without starting Prefect
             return nothing_new_summary(cfg, str(exc), {})
+        except BaseException:
+            if server is not None:
+                server.settle()
+            raise
     from flows.dedup_flow import semdedup_flow
 
     from prefect import tags

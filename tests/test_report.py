@@ -142,7 +142,11 @@ def test_report_of_a_text_run_renders_with_every_section(tiny_bert, tmp_path):
     assert " ".join(by_id[sampled["id"]].split()[:3]) in re.sub(r"</?mark>", "", dom)
     assert "<mark>" in dom
     assert f"{summary['n_input']:,}" in dom and "text is empty" in dom
-    assert "not estimated" in dom  # no clustering/recall.json in this run
+    recall = json.loads((tmp_path / "out/clustering/recall.json").read_text())
+    if recall["eta"] is None:
+        assert "η not estimated" in dom
+    else:  # the estimate's own counts are on the page
+        assert f"{recall['pairs_in_cluster']:,} lie inside one cluster" in dom and f"of the {recall['pairs_in_nearest']:,} duplicate pairs" in dom
     assert f"{summary['n_kept']:,} ({summary['kept_fraction']:.1%} of judged)" in dom
 
 

@@ -509,6 +509,8 @@ def _recall_section(layout: RunLayout) -> str:
     if not exists(layout.recall_estimate):
         return "<p>η not estimated for this run.</p>"
     r = RecallEstimate.model_validate(read_json(layout.recall_estimate))
+    if r.skipped:
+        return f"<p>η not estimated: {html.escape(r.skipped)}.</p>"
     if r.eta is None:
         return f"<p>η not estimated: the search over {count(r.sample_items)} sampled items found no duplicate pair at eps {eps_text(r.eps)}.</p>"
     return (
