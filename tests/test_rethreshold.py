@@ -106,8 +106,10 @@ def test_another_threshold_equals_a_fresh_run_at_it(data, source, tmp_path, thre
     assert _snapshot(source) == before
     record = json.loads((tmp_path / "derived" / "run.json").read_text())
     assert record["parent_run"] == source
-    # Nothing recomputed: the derived run holds no embeddings, clustering or partitions of its own.
-    assert not any((tmp_path / "derived" / d).exists() for d in ("embeddings", "clustering", "partitions", "scan", "exact"))
+    # Nothing recomputed: the derived run holds no embeddings, centroids or partitions of its own;
+    # of clustering/ only the recall estimate, which depends on eps.
+    assert not any((tmp_path / "derived" / d).exists() for d in ("embeddings", "partitions", "scan", "exact"))
+    assert sorted(p.name for p in (tmp_path / "derived" / "clustering").iterdir()) == ["recall.json"]
 
 
 def test_a_target_with_sample_tuning_equals_a_fresh_run(data, tmp_path):
