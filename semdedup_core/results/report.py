@@ -237,14 +237,17 @@ def _overview(s: RunSummary) -> str:
     return warnings + note + _table(["", ""], rows, numeric_from=2)
 
 
+# The eps rows of the table beside the curve (the run's own eps is added).
+_EPS_TABLE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75)
+
+
 def _eps_section(layout: RunLayout, s: RunSummary, hist: SimilarityHistogram | None) -> str:
     if hist is None or s.eps is None:
         return "<p>No item was judged: no curve.</p>"
     curve = read_parquet(layout.tuning_curve) if exists(layout.tuning_curve) else None
-    # Up to the eps that removes every item with an earlier one (the curve is flat beyond).
-    occupied = np.flatnonzero(hist.counts)
-    removes_all = 1.0 - (hist.lower + hist.width * occupied[0]) if len(occupied) else 0.0
-    top = float(min(2.0, max(0.01, s.eps * 2, (s.sampled_eps or 0) * 1.5, removes_all * 1.1)))
+    # The range where eps is chosen in practice (config: 0 < eps < 1), wide enough to show the
+    # chosen and the sampled eps with room on the right.
+    top = float(min(1.0, max(0.2, s.eps * 4, (s.sampled_eps or 0) * 2)))
     grid = np.linspace(0.0, top, 401)
     kept = hist.kept_fraction_at(grid)
     achieved = float(hist.kept_fraction_at(s.eps))
@@ -263,7 +266,7 @@ def _eps_section(layout: RunLayout, s: RunSummary, hist: SimilarityHistogram | N
     ax.set_xlim(0, top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    at = [float(f"{e:.2g}") for e in np.linspace(0, top, 9)[1:]]
+    at = [e for e in _EPS_TABLE if e <= top]
     rows = [[eps_text(e), percent(float(hist.kept_fraction_at(e)))] for e in sorted({*at, s.eps})]
     text = (
         f"<p>Kept fraction at the chosen eps {eps_text(s.eps)}: <b>{percent(achieved)}</b>"
