@@ -170,9 +170,12 @@ def cluster_max_sim(
     neg_inf = float("-inf")
     t = tile_size
     copies_before = np.concatenate([[0], np.cumsum(is_copy)])
-    tile_buf = torch.empty((t, t), dtype=torch.float32, device=dev)
+    # Buffers sized to the largest query tile and key tile this call can have, not to
+    # tile_size: a small cluster (or a generation's few new rows) pays only for its size.
+    max_rq, max_keys = min(t, n - first_query), min(t, n)
+    tile_buf = torch.empty((max_rq, max_keys), dtype=torch.float32, device=dev)
     # upper[r, c] is True where key c is not before query r inside a diagonal tile.
-    upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
+    upper = torch.ones((max_rq, max_rq), dtype=torch.bool, device=dev).triu_()
 
     with ieee_fp32_matmul():
         for q0 in range(first_query, n, t):
