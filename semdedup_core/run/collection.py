@@ -133,6 +133,7 @@ def plan_generation(cfg: RunConfig) -> RunPlan:
         update={
             "output": generation_url(root, index),
             "eps": base_record.eps,  # generations apply the base's threshold
+            "format": base_plan.input_format,  # known: no processed object is opened to tell it again
             "target_keep": None,
             "tuning": "exact",
             "clusters": base_plan.clusters,
