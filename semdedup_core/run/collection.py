@@ -157,7 +157,7 @@ def plan_generation(cfg: RunConfig) -> RunPlan:
         return new
 
     plan = plan_inputs(gen_cfg, select=new_objects)  # processed objects are listed, never opened
-    _check_ids_unseen(plan, collection, root, cfg)
+    _check_ids_unseen(plan, collection, root)
     earlier = [
         PlanRef(output=join(root, g.run), digest=g.plan, storage_block=cfg.storage_block)
         for g in collection.generations[collection.base :]
@@ -187,13 +187,14 @@ def _check_same_recipe(cfg: RunConfig, base: RunConfig, root: str) -> None:
         )
 
 
-def _check_ids_unseen(plan: RunPlan, collection: Collection, root: str, cfg: RunConfig) -> None:
-    """Ids stay unique across the collection: a new object may not reuse an id that an earlier
-    generation holds (its kept, removed or failed items; the id columns only are read)."""
+def _check_ids_unseen(plan: RunPlan, collection: Collection, root: str) -> None:
+    """Ids stay unique across the collection: a new object may not reuse an id that a
+    generation since the base holds (its kept, removed or failed items; only their id columns
+    are read, not the processed inputs)."""
     if not plan.shards:  # raw inputs: their ids are known only once embedded
         return
     new_ids = pa.concat_arrays([read_ids(s) for s in plan.shards])
-    for g in collection.generations:
+    for g in collection.generations[collection.base :]:
         layout = RunLayout(join(root, g.run))
         for url in (layout.kept, layout.removed, layout.failed):
             earlier = read_parquet(url, columns=["id"]).column("id")
