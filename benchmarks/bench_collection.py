@@ -15,9 +15,9 @@ each in a fresh Python subprocess through ``semdedup_core.run.dag.run_pipeline``
               with the base's centroids, its new items judged against the base's kept items;
 (full)        a normal run over every shard into a fresh output.
 
-Each child reports the run's wall time (imports excluded) and the bytes it read: the deltas of
-``rchar`` (bytes returned by read-like system calls, page cache hits included) and ``read_bytes``
-(bytes fetched from the block device) of /proc/self/io around the run. The generation's
+Each child reports the run's wall time (imports excluded), its peak RSS (``ru_maxrss``) and the
+bytes it read: the deltas of ``rchar`` (bytes returned by read-like system calls, page cache hits
+included) and ``read_bytes`` (bytes fetched from the block device) of /proc/self/io around the run. The generation's
 ratios to the full run are the result. ``--profile PATH`` runs the generation under cProfile.
 
 Checks (exit 1 on failure): every id of the new shard is in exactly one of the generation's
@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def child_run(args, output: Path, role: str) -> None:
     from semdedup_core.run.dag import run_pipeline
 
     import_seconds = time.perf_counter() - t_import
-    threads = os.cpu_count() or 1
+    threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)  # what the flow's configure_compute does for workers=1
     faiss.omp_set_num_threads(threads)
     if role != "generation":
@@ -181,6 +182,7 @@ def child_run(args, output: Path, role: str) -> None:
         "rchar": io_after["rchar"] - io_before["rchar"],
         "read_bytes": io_after["read_bytes"] - io_before["read_bytes"],
         "wchar": io_after["wchar"] - io_before["wchar"],
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # the child's high-water mark, imports included
         "n_input": summary.n_input,
         "n_kept": summary.n_kept,
         "n_removed": summary.n_removed,
@@ -207,6 +209,7 @@ def _child_cmd(args, role: str, output: Path | None = None) -> list[str]:
         ("--eps", args.eps),
         ("--tile-size", args.tile_size),
         ("--seed", args.seed),
+        ("--threads", args.threads),
         ("--data", str(data_dir(args))),
     ):
         cmd += [flag, str(value)]
@@ -299,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=0.05, help="eps (default 0.05)")
     p.add_argument("--tile-size", type=int, default=2048, help="kernel tile size (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="data and run seed (default 0)")
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch/faiss threads of every run (default 0: all cores; 1 keeps a shared machine's neighbours from stalling OpenMP barriers)",
+    )
     p.add_argument("--data", help="cache folder for the generated input (default: a folder in the temp dir named after the sizes and seed)")
     p.add_argument("--out", help="folder for the run outputs (default: a temporary folder, removed at the end)")
     p.add_argument("--reuse-base", action="store_true", help="reuse the base committed in --out by an earlier call with the same data and settings")
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["generation_share"] = {k: gen[k] / whole[k] if whole[k] else None for k in ("wall", "rchar", "read_bytes")}
     order = ("plan", "fit", "assign", "collect", "dedup", "finalize")
     stage_names = sorted({s for r in runs.values() for s in r["stage_seconds"]}, key=lambda s: (order.index(s) if s in order else len(order), s))
-    header = ["run", "items in", "wall s", *[f"{s} s" for s in stage_names], "rchar GiB", "read_bytes GiB", "kept", "removed", "other-process cores"]
+    header = ["run", "items in", "wall s", *[f"{s} s" for s in stage_names], "rchar GiB", "read_bytes GiB", "peak RSS GiB", "kept", "removed", "other-process cores"]
     rows = []
     labels = {"base": "base (generation 0)", "generation": f"(a) generation: +{n_new(args)} new", "full": "(b) full re-run"}
     for role in ("base", "generation", "full"):
@@ -374,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 *[f"{r['stage_seconds'][s]:.1f}" if s in r["stage_seconds"] else "-" for s in stage_names],
                 f"{r['rchar'] / 2**30:.3f}",
                 f"{r['read_bytes'] / 2**30:.3f}",
+                f"{r['peak_rss'] / 2**30:.2f}" if "peak_rss" in r else "-",
                 r["n_kept"],
                 r["n_removed"],
                 r["foreign_cores"],

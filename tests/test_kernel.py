@@ -195,3 +195,30 @@ def test_rows_before_first_query_are_keys_only_and_the_rest_is_unchanged(n, firs
     np.testing.assert_array_equal(part.max_sim[max(first, 1):], sims[max(first, 1):])
     with pytest.raises(ValueError):
         cluster_max_sim(y, first_query=n + 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tile=st.integers(1, 40),
+    tiles=st.integers(0, 3),
+    offset=st.integers(-2, 2),
+    queries=st.integers(0, 45),
+    copies=st.integers(0, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_buffers_sized_to_the_cluster_give_the_brute_force_result(tile, tiles, offset, queries, copies, seed):
+    """The kernel sizes its tile buffer and diagonal mask to min(tile_size, queries) x
+    min(tile_size, rows): clusters one row either side of a tile multiple, and query runs
+    shorter, equal to or longer than a tile, still give the brute force to the bit."""
+    n = max(1, tile * tiles + offset)
+    first = max(0, n - queries)
+    rng = np.random.default_rng(seed)
+    y = planted_cluster(rng, n, 9)
+    if copies and n > 1:
+        y[rng.integers(0, n, copies)] = y[rng.integers(0, n, copies)]
+    got = cluster_max_sim(y, tile_size=tile, first_query=first)
+    sims, dups = brute_force(y)
+    start = max(first, 1)
+    np.testing.assert_array_equal(got.max_sim[start:], sims[start:])
+    np.testing.assert_array_equal(got.dup_of[start:], dups[start:])
+    assert np.isnan(got.max_sim[:start]).all() and (got.dup_of[:start] == -1).all()

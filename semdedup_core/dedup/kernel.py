@@ -68,11 +68,12 @@ def first_copy_mask(y: np.ndarray) -> np.ndarray:
     if n < 2:
         return mask
     words = np.ascontiguousarray(y).view(np.uint32)
-    multipliers = np.random.default_rng(0x5E3D).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    multipliers = np.random.default_rng(0x5E3D).integers(1, 2**32, size=words.shape[1], dtype=np.uint64).astype(np.uint32) | np.uint32(1)
     hashes = np.empty(n, dtype=np.uint64)
     for start in range(0, n, _HASH_BLOCK):
-        block = words[start : start + _HASH_BLOCK].astype(np.uint64)
-        hashes[start : start + _HASH_BLOCK] = (block * multipliers).sum(axis=1)  # wraps mod 2**64
+        # Products wrap mod 2**32 (odd multipliers: a changed word always changes its product),
+        # summed in 64 bits: no 64-bit copy of the block.
+        hashes[start : start + _HASH_BLOCK] = (words[start : start + _HASH_BLOCK] * multipliers).sum(axis=1, dtype=np.uint64)
     order = np.argsort(hashes, kind="stable")  # equal hashes stay in row order
     sorted_hashes = hashes[order]
     run_starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
@@ -135,6 +136,22 @@ def _best_per_row(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_
     return best_val, best_col
 
 
+# Per device, the largest diagonal-tile mask built so far (read-only; at most tile_size^2
+# bools): clusters are scored one call each, and building the mask per call cost more than
+# a small cluster's products.
+_UPPER_MASKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _upper_mask(size: int, dev: torch.device) -> torch.Tensor:
+    """mask[r, c] is True where key c is not before query r inside a diagonal tile (c >= r);
+    use its [:rows, :rows] corner."""
+    mask = _UPPER_MASKS.get(dev)
+    if mask is None or mask.shape[0] < size:
+        mask = torch.ones((size, size), dtype=torch.bool, device=dev).triu_()
+        _UPPER_MASKS[dev] = mask
+    return mask
+
+
 def cluster_max_sim(
     y: np.ndarray | torch.Tensor,
     tile_size: int = 2048,
@@ -170,9 +187,11 @@ def cluster_max_sim(
     neg_inf = float("-inf")
     t = tile_size
     copies_before = np.concatenate([[0], np.cumsum(is_copy)])
-    tile_buf = torch.empty((t, t), dtype=torch.float32, device=dev)
-    # upper[r, c] is True where key c is not before query r inside a diagonal tile.
-    upper = torch.ones((t, t), dtype=torch.bool, device=dev).triu_()
+    # The tile buffer is sized to the largest query and key tiles this call can have, not to
+    # tile_size: a small cluster (or a generation's few new rows) pays only for its size.
+    max_rq, max_keys = min(t, n - first_query), min(t, n)
+    tile_buf = torch.empty((max_rq, max_keys), dtype=torch.float32, device=dev)
+    upper = _upper_mask(max_rq, dev)
 
     with ieee_fp32_matmul():
         for q0 in range(first_query, n, t):

@@ -158,10 +158,7 @@ def iter_against_earlier(plan: RunPlan, data: BucketData, earlier: EarlierItems)
         y = np.empty((len(keys) + hi - lo, data.vectors.shape[1]), np.float32)
         np.take(earlier.vectors, keys, axis=0, out=y[: len(keys)])
         y[len(keys) :] = data.vectors[lo:hi]
-        # A tile no larger than the cluster: the same tiles (one key tile, then the queries), but
-        # the kernel's per-call tile buffers shrink to the cluster's size.
-        tile = min(plan.config.tile_size, len(y))
-        scores = cluster_max_sim(y, tile_size=tile, device=plan.device, first_query=len(keys))
+        scores = cluster_max_sim(y, tile_size=plan.config.tile_size, device=plan.device, first_query=len(keys))
         local = scores.dup_of[len(keys) :]
         to_new, to_earlier = local >= len(keys), (local >= 0) & (local < len(keys))
         dups = np.full(len(local), -1, np.int64)

@@ -158,8 +158,19 @@ class Batch:
 # ---------------------------------------------------------------- discovery
 
 
-def discover_shards(cfg: RunConfig) -> list[Shard]:
-    """Expand the inputs, recognise the format and check each shard's columns and dimension."""
+def parquet_objects(entry: str) -> list[str]:
+    """The parquet files of one input entry of embeddings (a file, a glob, or a folder's .parquet files)."""
+    files, root = expand_input(entry)
+    if root is not None:  # a folder: its parquet files
+        files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise InputError(f"{entry}: no input files match")
+    return files
+
+
+def discover_shards(cfg: RunConfig, only: set[str] | None = None) -> list[Shard]:
+    """Expand the inputs, recognise the format and check each shard's columns and dimension.
+    ``only``: open just these parquet files of the inputs (a collection's new objects)."""
     shards: list[Shard] = []
     lengths: dict[int, Counter] = {}  # shard index -> embedding lengths of its sampled rows
     uniform: set[int] = set()  # shards whose rows all have one length (clip-retrieval, fixed-size lists)
@@ -172,11 +183,9 @@ def discover_shards(cfg: RunConfig) -> list[Shard]:
         elif fmt == "clip-retrieval":
             raise InputError(f"{entry}: not a clip-retrieval folder (expected img_emb/img_emb_N.npy and metadata/metadata_N.parquet)")
         else:
-            files, root = expand_input(entry)
-            if root is not None:  # a folder: its parquet files
-                files = [f for f in files if f.endswith(".parquet")]
-            if not files:
-                raise InputError(f"{entry}: no input files match")
+            files = parquet_objects(entry)
+            if only is not None:
+                files = [f for f in files if f in only]
             found = []
             for url in files:
                 index = len(shards) + len(found)

@@ -20,6 +20,7 @@ import datetime as _dt
 import posixpath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
@@ -29,11 +30,12 @@ from semdedup_core.run.plan import (
     RunPlan,
     check_existing_run,
     check_output,
-    image_shard_key,
     load_plan,
     plan_inputs,
     store_plan,
 )
+from semdedup_core.inputs.precomputed import InputError, read_ids
+from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.stage_results import RunSummary
 from semdedup_core.storage import exists, join, read_json, read_npy, read_parquet, write_json
 
@@ -131,25 +133,31 @@ def plan_generation(cfg: RunConfig) -> RunPlan:
         update={
             "output": generation_url(root, index),
             "eps": base_record.eps,  # generations apply the base's threshold
+            "format": base_plan.input_format,  # known: no processed object is opened to tell it again
             "target_keep": None,
             "tuning": "exact",
             "clusters": base_plan.clusters,
             "buckets": base_plan.buckets,
         }
     )
-    plan = plan_inputs(gen_cfg)
     processed = collection.processed()
-    changed = sorted(key for key, now in plan.fingerprints.items() if key in processed and processed[key] != now)
-    if changed and cfg.changed_inputs == "refuse":
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise ConfigError(
-            f"input {changed[0]}{more} changed since generation of the collection {root} processed it; its items there stay as they were "
-            "decided: use --changed-inputs skip to leave it out, or --refit to start a new base over the whole input"
-        )
-    new = [key for key in plan.fingerprints if key not in processed]
-    if not new:
-        raise NothingNew(f"nothing new: all {len(plan.fingerprints)} input objects were processed by generations 0..{index - 1} of {root}")
-    plan = _restricted(plan, set(new))
+
+    def new_objects(found: dict[str, str]) -> list[str]:
+        """The listed objects no generation processed; refuses changed ones (unless skipped)."""
+        changed = sorted(key for key, now in found.items() if key in processed and processed[key] != now)
+        if changed and cfg.changed_inputs == "refuse":
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise ConfigError(
+                f"input {changed[0]}{more} changed since generation of the collection {root} processed it; its items there stay as they were "
+                "decided: use --changed-inputs skip to leave it out, or --refit to start a new base over the whole input"
+            )
+        new = [key for key in found if key not in processed]
+        if not new:
+            raise NothingNew(f"nothing new: all {len(found)} input objects were processed by generations 0..{index - 1} of {root}")
+        return new
+
+    plan = plan_inputs(gen_cfg, select=new_objects)  # processed objects are listed, never opened
+    _check_ids_unseen(plan, collection, root)
     earlier = [
         PlanRef(output=join(root, g.run), digest=g.plan, storage_block=cfg.storage_block)
         for g in collection.generations[collection.base :]
@@ -179,17 +187,22 @@ def _check_same_recipe(cfg: RunConfig, base: RunConfig, root: str) -> None:
         )
 
 
-def _restricted(plan: RunPlan, keys: set[str]) -> RunPlan:
-    """The plan over the input objects named by ``keys`` only, shards renumbered."""
-    fingerprints = {k: v for k, v in plan.fingerprints.items() if k in keys}
-    if plan.sources:
-        sources = [s for s in plan.sources if (image_shard_key(s) if s.kind == "images" else s.url) in keys]
-        sources = [s.model_copy(update={"index": i}) for i, s in enumerate(sources)]
-        return plan.model_copy(update={"sources": sources, "fingerprints": fingerprints})
-    shards = [s.model_copy(update={"index": i}) for i, s in enumerate(s for s in plan.shards if s.url in keys)]
-    metadata = {s.metadata_url for s in shards if s.metadata_url}
-    fingerprints.update({k: v for k, v in plan.fingerprints.items() if k in metadata})
-    return plan.model_copy(update={"shards": shards, "fingerprints": fingerprints, "n_input": sum(s.n_rows for s in shards)})
+def _check_ids_unseen(plan: RunPlan, collection: Collection, root: str) -> None:
+    """Ids stay unique across the collection: a new object may not reuse an id that a
+    generation since the base holds (its kept, removed or failed items; only their id columns
+    are read, not the processed inputs)."""
+    if not plan.shards:  # raw inputs: their ids are known only once embedded
+        return
+    new_ids = pa.concat_arrays([read_ids(s) for s in plan.shards])
+    for g in collection.generations[collection.base :]:
+        layout = RunLayout(join(root, g.run))
+        for url in (layout.kept, layout.removed, layout.failed):
+            earlier = read_parquet(url, columns=["id"]).column("id")
+            seen = pc.is_in(new_ids, value_set=earlier.combine_chunks().cast(pa.string()))
+            if pc.any(seen).as_py():
+                dup_id = new_ids.filter(seen)[0].as_py()
+                shard = next(s for s in plan.shards if pc.any(pc.equal(read_ids(s), dup_id)).as_py())
+                raise InputError(f"duplicate id {dup_id!r} in {shard.name} and in generation {g.index} of the collection {root}; ids must be unique across the collection")
 
 
 def nothing_new_summary(cfg: RunConfig, message: str, timings: dict[str, float]) -> RunSummary:

@@ -12,7 +12,7 @@ import platform
 import posixpath
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pydantic import BaseModel, ConfigDict
@@ -21,7 +21,7 @@ from semdedup_core.config import ConfigError, RunConfig
 from semdedup_core.run.layout import ARTIFACT_FOLDERS, EMBEDDING_FOLDERS, RunLayout, is_artifact, is_temp_artifact
 from semdedup_core.run.lease import check_free, read_lease
 from semdedup_core.inputs.datasets import RAW_FORMATS, RawShard, detect_format, discover_raw_shards
-from semdedup_core.inputs.precomputed import InputError, Shard, check_unique_ids, discover_shards
+from semdedup_core.inputs.precomputed import InputError, Shard, check_unique_ids, discover_shards, parquet_objects
 from semdedup_core.storage import (
     bucket_exists,
     digest,
@@ -144,8 +144,17 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     return check_existing_run(plan)
 
 
-def plan_inputs(cfg: RunConfig) -> RunPlan:
-    """The inputs' shards, sizes, device and fingerprints (nothing about the output)."""
+# Given every input object's fingerprint (object -> fingerprint), the objects to plan.
+ObjectSelector = Callable[[dict[str, str]], list[str]]
+
+
+def plan_inputs(cfg: RunConfig, select: ObjectSelector | None = None) -> RunPlan:
+    """The inputs' shards, sizes, device and fingerprints (nothing about the output).
+
+    ``select`` (a collection's generation: the objects not processed yet) sees the listed
+    objects' fingerprints first; only the objects it returns are opened, and a raw input's
+    model is loaded only when it returns some.
+    """
     from semdedup_core.dedup.kernel import resolve_device  # torch: imported only when a run is planned
 
     try:
@@ -154,18 +163,32 @@ def plan_inputs(cfg: RunConfig) -> RunPlan:
         raise ConfigError(str(exc)) from None
     fmt = detect_format(cfg)
     if fmt in RAW_FORMATS:
-        plan = _plan_raw(cfg, fmt, device)
+        plan = _plan_raw(cfg, fmt, device, select)
     else:
         if cfg.model is not None:
             raise ConfigError(f"the input holds precomputed embeddings ({fmt}); --model is only used for raw images or text")
         if fmt == "clip-retrieval" and (cfg.write_dataset or cfg.write_removed):
             raise ConfigError("writing the dataset back is not supported for clip-retrieval inputs (they hold no items, only embeddings)")
-        shards = discover_shards(cfg)
+        if select is not None and fmt == "clip-retrieval":  # its objects come in pairs (vectors, metadata) found by discovery
+            everything = discover_shards(cfg)
+            keep = set(select(input_fingerprints([], everything)))
+            shards = [s.model_copy(update={"index": i}) for i, s in enumerate(s for s in everything if s.url in keep)]
+        elif select is not None:  # parquet files: listed and fingerprinted, and only the selected ones opened
+            listed = [url for entry in cfg.input for url in parquet_objects(entry)]
+            if len(set(listed)) < len(listed):
+                twice = next(url for url in listed if listed.count(url) > 1)
+                raise InputError(f"{twice}: listed twice in the inputs")
+            shards = discover_shards(cfg, only=set(select(fingerprints(listed))))
+        else:
+            shards = discover_shards(cfg)
         check_unique_ids(shards)
         n_input = sum(s.n_rows for s in shards)
-        dim = next(s.dim for s in shards if s.n_rows)
-        k = cfg.clusters_for(n_input)
-        buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_input, dim, k)
+        dim = next((s.dim for s in shards if s.n_rows), 0)
+        if select is not None:  # a generation: k and the buckets are its base's, however few the new items
+            k, buckets = cfg.clusters or 0, cfg.buckets or 0
+        else:
+            k = cfg.clusters_for(n_input)
+            buckets = cfg.buckets if cfg.buckets is not None else default_buckets(n_input, dim, k)
         if buckets > k:
             raise ConfigError(f"buckets={buckets} is larger than clusters={k}")
         plan = RunPlan(config=cfg, input_format=fmt, shards=shards, n_input=n_input, dim=dim, clusters=k, buckets=buckets, device=device)
@@ -183,11 +206,15 @@ def check_existing_run(plan: RunPlan) -> RunPlan:
     return plan
 
 
-def _plan_raw(cfg: RunConfig, fmt: str, device: str) -> RunPlan:
+def _plan_raw(cfg: RunConfig, fmt: str, device: str, select: ObjectSelector | None = None) -> RunPlan:
     """Raw inputs: the shards and a loadable model; sizes come after the embedding stage."""
     from semdedup_core.embedding.models import load_embedder, model_spec
 
     sources = discover_raw_shards(cfg, fmt)
+    if select is not None:
+        keep = set(select(input_fingerprints(sources, [])))
+        sources = [s for s in sources if (image_shard_key(s) if s.kind == "images" else s.url) in keep]
+        sources = [s.model_copy(update={"index": i}) for i, s in enumerate(sources)]
     modalities = {s.modality for s in sources}
     if len(modalities) > 1:
         image = next(s for s in sources if s.modality == "image")
