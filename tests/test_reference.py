@@ -360,13 +360,15 @@ def train_and_test(tmp_path_factory) -> tuple[Path, Path]:
         ("{tmp}", ["--reference", "overlaps --output"]),
         ("{tmp}/missing.parquet", ["--reference", "missing.parquet", "no input files match"]),
         ("{small}", ["--reference", "8-d embeddings but the input has 16-d"]),
+        ("{train}", ["--reference", "an input of this run"]),
+        ("{train_folder}/*.parquet", ["--reference", "an input of this run"]),
     ],
 )
 def test_misconfigured_references_exit_2_before_anything_is_written(train_and_test, tmp_path, reference, fragments):
     train, _ = train_and_test
     write_embeddings(tmp_path / "small" / "s.parquet", ["s0", "s1"], unit_rows(np.random.default_rng(1), 2, 8))
     out = tmp_path / "out"
-    url = reference.format(out=out, tmp=tmp_path, small=tmp_path / "small" / "s.parquet")
+    url = reference.format(out=out, tmp=tmp_path, small=tmp_path / "small" / "s.parquet", train=train, train_folder=train.parent)
     proc = cli(["run", str(train), "--output", str(out), "--reference", url], tmp_path)
     assert_fails_cleanly(proc, out, *fragments)
 

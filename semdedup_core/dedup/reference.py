@@ -61,6 +61,10 @@ def with_references(plan: RunPlan) -> RunPlan:
     otherwise). The references' objects join the run's fingerprints, so a resume over a
     reference rewritten since is refused as one over a rewritten input is."""
     references = _plan_references(plan)
+    for url, sub in zip(plan.config.reference, references):
+        shared = sorted(set(plan.fingerprints) & set(sub.fingerprints))
+        if shared:  # every item would be removed as a duplicate of itself
+            raise ConfigError(f"--reference {url} holds {shared[0]}, an input of this run; a reference set must be other data than the input")
     seen = {f"reference {key}": value for sub in references for key, value in sub.fingerprints.items()}
     return plan.model_copy(update={"references": references, "fingerprints": plan.fingerprints | seen})
 
