@@ -110,6 +110,8 @@ def test_another_threshold_equals_a_fresh_run_at_it(data, source, tmp_path, thre
     # of clustering/ only the recall estimate, which depends on eps.
     assert not any((tmp_path / "derived" / d).exists() for d in ("embeddings", "partitions", "scan", "exact"))
     assert sorted(p.name for p in (tmp_path / "derived" / "clustering").iterdir()) == ["recall.json"]
+    recall = json.loads((tmp_path / "derived" / "clustering" / "recall.json").read_text())
+    assert recall["eta"] is None and source in recall["skipped"]  # not searched again: the source holds it
 
 
 def test_a_target_with_sample_tuning_equals_a_fresh_run(data, tmp_path):

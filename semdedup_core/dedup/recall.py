@@ -44,6 +44,8 @@ def estimate_recall(plan: RunPlan, eps: float, sample_items: int = SAMPLE_ITEMS,
     none_found = RecallEstimate(
         eps=eps, seed=plan.config.seed, sample_items=0, nearest_clusters=nearest_clusters, pairs_in_cluster=0, pairs_in_nearest=0, eta=None
     )
+    if plan.config.rethreshold_of is not None:  # computes nothing again (docs/architecture.md §"Rethreshold")
+        return none_found.model_copy(update={"skipped": f"a rethreshold computes nothing again; {plan.config.rethreshold_of} holds the estimate at its own eps"})
     if plan.earlier:
         # A generation's clusters also hold the earlier generations' items, in other run folders.
         return none_found.model_copy(update={"skipped": "a collection generation: the estimate is made on the collection's base run"})
