@@ -67,20 +67,24 @@ def test_deployment_run_from_prefect_yaml_on_a_real_server(tmp_path):
         deployed = run("--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
-        # The UI form: the flow's one parameter is the typed RunConfig model.
+        # The UI form: the options in groups, each a typed model with its real defaults.
         with urllib.request.urlopen(urllib.request.Request(f"{api}/deployments/filter", data=b"{}", headers={"content-type": "application/json"})) as r:
             deployments = {d["name"]: d for d in json.load(r)}
         assert set(deployments) == {"semdedup", "semdedup-nightly"}
         schema = deployments["semdedup"]["parameter_openapi_schema"]
-        fields = schema["definitions"]["RunConfig"]["properties"]
-        assert {"input", "output", "eps", "target_keep", "keep", "clusters"} <= set(fields)
-        assert fields["keep"]["enum"] == ["hard", "easy", "random", "metadata"]
+        assert list(schema["properties"]) == ["input", "storage", "model", "dedup", "tuning", "collection"]
+        assert set(schema["required"]) == {"input", "storage"}
+        groups = schema["definitions"]
+        assert {"urls", "format"} <= set(groups["InputOptions"]["properties"]) and "output" in groups["StorageOptions"]["properties"]
+        assert groups["DedupOptions"]["properties"]["keep"]["enum"] == ["hard", "easy", "random", "metadata"]
+        assert groups["FixedEps"]["properties"]["eps"]["default"] == 0.05
 
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "semdedup"], env=env, cwd=REPO, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         output = tmp_path / "run"
         config = {"input": [str(tmp_path / "data" / "embeddings-*.parquet")], "output": str(output), "eps": 0.05}
-        started = run("deployment", "run", "semdedup/semdedup", "--param", f"config={json.dumps(config)}", "--watch")
+        params = {"input": {"urls": config["input"]}, "storage": {"output": config["output"]}, "dedup": {"threshold": {"eps": config["eps"]}}}
+        started = run("deployment", "run", "semdedup/semdedup", *(a for k, v in params.items() for a in ("--param", f"{k}={json.dumps(v)}")), "--watch")
         assert started.returncode == 0, started.stdout + started.stderr
         summary = json.loads((output / "result" / "summary.json").read_text())
         assert summary["n_input"] == data.n_items
