@@ -589,6 +589,10 @@ def print_summary(summary: RunSummary, log: RunLog, verbose: bool) -> None:
     console.print(table)
     # Outside the table so a long URL is never cut.
     console.print(f"output: {summary.output}", soft_wrap=True, markup=False, highlight=False)
+    if summary.note is None and summary.refused is None:  # a run that judged items has a report
+        from semdedup_core.run.layout import RunLayout
+
+        console.print(f"report: {RunLayout(summary.output).report}", soft_wrap=True, markup=False, highlight=False)
     if not verbose:
         console.print(f"log: {log.path}", soft_wrap=True, markup=False, highlight=False)
 
@@ -754,7 +758,7 @@ def _print_explanation(ex) -> None:
         table.add_row("eps", f"{ex.eps:.6g} (threshold {1 - ex.eps:.6f})")
     if ex.chain:
         hops = " -> ".join(f"{i!r}" + (f" ({s:.4f})" if s is not None else "") for i, s in ex.chain)
-        table.add_row("dup_of chain", escape(f"{ex.id!r} -> {hops}: kept item {ex.kept_id!r}"))
+        table.add_row("dup_of chain", escape(f"{ex.id!r} -> {hops}: kept item {ex.kept_id!r}") + "\n(each item's own similarity to its nearest earlier item)")
     if ex.flip_eps is not None:
         when = f"eps <= {ex.flip_eps:.6g}" if ex.flip == "kept" else f"eps > {ex.flip_eps:.6g}"
         table.add_row("flips", f"{ex.flip} at {when}")
