@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -157,3 +159,50 @@ def test_report_of_millions_of_items_in_bounded_memory(tmp_path):
     assert measured["growth"] < full_bytes / 5, (measured, full_bytes)
     print(f"peak RSS growth {measured['growth'] / 2**20:.0f} MiB; reading one of the {N_SHARDS} scan files whole: {measured['full_read'] / 2**20:.0f} MiB; "
           f"all scan files in memory {full_bytes / 2**20:.0f} MiB")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=60),
+    eps=st.floats(0.01, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_the_pair_sampler_holds_a_bounded_sample_bucket_after_bucket(sizes, eps, seed):
+    """Fed bucket after bucket, the sampler's held tables stay one chunk and a bounded number
+    of rows (a run has thousands of buckets), and it keeps exactly what it promises: per band
+    the removed items with the smallest keys, the removed items nearest above the threshold and
+    the kept ones nearest below."""
+    from semdedup_core.results.report import BORDERLINE_PAIRS, PAIR_BANDS, PAIRS_PER_BAND, PairSampler
+
+    rng = np.random.default_rng(seed)
+    sampler = PairSampler(eps, seed)
+    threshold = np.float32(1 - eps)
+    fed = []
+    for bucket, n in enumerate(sizes):
+        max_sim = rng.uniform(-0.2, 1.0, n).astype(np.float32)
+        max_sim[rng.random(n) < 0.1] = np.nan  # first in its cluster: no earlier item
+        ids = [f"b{bucket}-{i}" for i in range(n)]
+        scores = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "dup_of": pa.array([ids[i - 1] if i else None for i in range(n)], pa.string()),
+                "max_sim": pa.array(max_sim, pa.float32(), from_pandas=True),
+                "cluster": pa.array(np.full(n, bucket), pa.int32()),
+                "kept": pa.array(~(max_sim > threshold)),
+            }
+        )
+        sampler.add(scores, pa.chunked_array([pa.array(np.full(n, bucket % 3), pa.int32())]))
+        fed.extend(r for r in scores.to_pylist() if r["max_sim"] is not None and not np.isnan(r["max_sim"]))
+        for held in (sampler.sample, sampler.above, sampler.below):
+            assert held is None or all(column.num_chunks <= 1 for column in held.columns)
+    table = sampler.table().to_pylist()
+    assert len(table) <= PAIR_BANDS * PAIRS_PER_BAND + 2 * BORDERLINE_PAIRS
+    removed = sorted(r["max_sim"] for r in fed if not r["kept"])
+    kept = sorted((r["max_sim"] for r in fed if r["kept"]), reverse=True)
+    above = sorted(r["max_sim"] for r in table if r["kind"] == "above")
+    below = sorted((r["max_sim"] for r in table if r["kind"] == "below"), reverse=True)
+    assert above == removed[:BORDERLINE_PAIRS] and below == kept[:BORDERLINE_PAIRS]
+    assert all(r["max_sim"] > threshold and not r["kept"] for r in table if r["kind"] == "sample")
+    bands = np.clip(np.floor((np.array(removed, np.float64) - (1.0 - eps)) / eps * PAIR_BANDS).astype(int), 0, PAIR_BANDS - 1)
+    expected = sum(min(PAIRS_PER_BAND, int((bands == b).sum())) for b in range(PAIR_BANDS))
+    assert len([r for r in table if r["kind"] == "sample"]) == expected  # every band filled as far as it can be

@@ -104,7 +104,9 @@ class PairSampler:
 
 
 def _joined(held: pa.Table | None, new: pa.Table) -> pa.Table:
-    return new if held is None else pa.concat_tables([held, new.cast(held.schema)])
+    # One chunk per column: filters keep (empty) chunks, so concatenating bucket after bucket
+    # without combining multiplies the chunk count at every bucket.
+    return new.combine_chunks() if held is None else pa.concat_tables([held, new.cast(held.schema)]).combine_chunks()
 
 
 def _smallest(table: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:
@@ -115,7 +117,7 @@ def _smallest(table: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:
 
 def _per_band(table: pa.Table, k: int) -> pa.Table:
     parts = [_smallest(table.filter(pc.equal(table.column("band"), b)), [("key", "ascending")], k) for b in range(PAIR_BANDS)]
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts).combine_chunks()
 
 
 # ---------------------------------------------------------------- numbers for people
