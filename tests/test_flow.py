@@ -210,7 +210,7 @@ def test_run_layout_and_schemas(eps_run, dataset):
     assert "numpy" in stored["versions"]
     # report
     html = (out / "report" / "index.html").read_text()
-    assert html.lstrip().lower().startswith("<!doctype html") and str(n) in html
+    assert html.lstrip().lower().startswith("<!doctype html") and f"{n:,}" in html  # counts formatted for people
 
 
 def test_results_account_for_every_item_once(eps_run, dataset):

@@ -176,7 +176,7 @@ def test_unknown_method_on_the_command_line_is_refused_in_one_line(tmp_path, mon
     monkeypatch.setenv("SEMDEDUP_LOG_DIR", str(tmp_path / "logs"))
     out = tmp_path / "out"
     proc = cli(["run", "x.parquet", "--output", str(out), "--kmeans-method", "hierarchical"], tmp_path)
-    one_error_line(proc, 2, "kmeans_method", "two-level")
+    one_error_line(proc, 2, "--kmeans-method", "hierarchical", "two-level")
     assert not out.exists()
 
 

@@ -102,7 +102,7 @@ def test_flow_writes_the_run_layout_into_the_bucket(runs, moto_s3):
     for stage in ("plan", "fit", "assign", "collect", "dedup", "finalize"):
         assert run["stages"][stage]["status"] == "done", run["stages"]
     html = moto_s3.get(runs["bucket"], "runs/first/report/index.html").decode()
-    assert html.lstrip().lower().startswith("<!doctype html") and str(len(runs["data"]["ids"])) in html
+    assert html.lstrip().lower().startswith("<!doctype html") and f"{len(runs['data']['ids']):,}" in html
 
 
 @pytest.mark.e2e
