@@ -165,4 +165,4 @@ def test_cli_long_text_option_and_summary_line(tiny_bert, tmp_path):
     assert "textslongerthanthemodel'slimit3(fail)" in collapsed(proc.stdout)
     assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["long_text"] == "fail"
     bad = cli([*base, "--output", str(tmp_path / "c"), "--long-text", "cut"], tmp_path)
-    assert bad.returncode == 2 and "long_text" in bad.stderr and not (tmp_path / "c").exists()
+    assert bad.returncode == 2 and "--long-text" in bad.stderr and "cut" in bad.stderr and not (tmp_path / "c").exists()
