@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -313,8 +314,9 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_object(tmp_path, shar
 def foreign_lease(url: Path, expires_in: float, owner: str = "crashed-elsewhere") -> dict:
     record = {"owner": owner, "host": "another-node-9", "pid": 4242, "expires": time.time() + expires_in}
     url.parent.mkdir(parents=True, exist_ok=True)
-    # Atomically, as a real run writes its lease: a reader never sees it half written.
-    tmp = url.with_name(f"{url.name}.writing-{owner}")
+    # Atomically and under the temporary name a real run's atomic write uses (another host's
+    # run writes its lease the same way), so a reader never sees it half written.
+    tmp = url.with_name(f"{url.name}.semdedup-tmp-{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, url)
     return record
