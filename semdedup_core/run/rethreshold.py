@@ -23,7 +23,7 @@ from semdedup_core.inputs.datasets import RawShard
 from semdedup_core.inputs.precomputed import Shard
 from semdedup_core.run.layout import RunLayout
 from semdedup_core.run.lease import check_free
-from semdedup_core.run.plan import RunPlan, _location, check_output, input_fingerprints, read_run_record
+from semdedup_core.run.plan import RunPlan, check_output, input_fingerprints, overlaps_output, read_run_record
 from semdedup_core.run.stage_results import BucketScores, PartitionIndex, RunSummary, TuningResult
 from semdedup_core.storage import StorageError, exists, read_json, read_npy, read_parquet, write_parquet
 
@@ -74,14 +74,6 @@ def rethreshold_config(
     return RunConfig.load(None, **fields)
 
 
-def _overlaps(a: str, b: str) -> bool:
-    """Whether one URL is, holds or lies inside the other."""
-    family_a, parts_a, _ = _location(a, pattern=False)
-    family_b, parts_b, _ = _location(b, pattern=False)
-    n = min(len(parts_a), len(parts_b))
-    return family_a == family_b and parts_a[:n] == parts_b[:n]
-
-
 def plan_rethreshold(cfg: RunConfig) -> RunPlan:
     """Every check before work (nothing written): the source is a finished run with this
     configuration, the output overlaps neither it nor the inputs and holds nothing else, the
@@ -95,7 +87,7 @@ def plan_rethreshold(cfg: RunConfig) -> RunPlan:
         raise ConfigError(f"{source} now holds a run with another configuration ({', '.join(differing)}) than {cfg.output} was derived from; choose another --to")
     if record["config"].get("reference"):
         raise ConfigError(f"{source} was decontaminated against reference sets (--reference); rethresholding such a run is not supported yet: run it again with the new threshold")
-    if _overlaps(cfg.output, source):
+    if overlaps_output(source, cfg.output):  # the source exists: compared as a folder, not a pattern
         raise ConfigError(f"--to {cfg.output} overlaps the source run {source} (it is, holds or lies inside it); choose a folder outside it")
     check_output(cfg)
     previous = read_run_record(RunLayout(cfg.output).run_json)
