@@ -169,6 +169,15 @@ RECALL = Step(
     heavy=True,
     reusable=lambda stored, plan, eps: stored.eps == eps,
 )
+REFERENCE = Step(
+    "reference-bucket",
+    reference.score_against_references,
+    reference.ReferenceScores,
+    RunLayout.reference_done,
+    lambda r: f"bucket {r.bucket}: {r.n_scored} items compared with {r.n_reference_items} reference items of their clusters",
+    heavy=True,
+    mapped=True,
+)
 FINALIZE = Step(
     "finalize",
     results.finalize,
@@ -191,15 +200,6 @@ WRITE = Step(
     lambda r: f"shard {r.shard}: " + ", ".join(f"{n} {k}" for k, n in r.counts.items()),
     mapped=True,
     reusable=lambda stored, plan: plan.config.write_dataset <= stored.kept and plan.config.write_removed <= stored.removed,
-)
-REFERENCE = Step(
-    "reference-bucket",
-    reference.score_against_references,
-    reference.ReferenceScores,
-    RunLayout.reference_done,
-    lambda r: f"bucket {r.bucket}: {r.n_scored} items compared with {r.n_reference_items} reference items of their clusters",
-    heavy=True,
-    mapped=True,
 )
 # A rethreshold (run/rethreshold.py) replaces tune and dedup with these: nothing is scored again.
 PREDICT = Step(
