@@ -201,13 +201,19 @@ def cluster_max_sim(
             # Running fp32 (screening) max per row; candidates within 2*band of it.
             run_max = torch.full((rq,), neg_inf, dtype=torch.float32, device=dev)
             cand_rows, cand_cols, cand_sims = [], [], []
-            # Key tiles before the query tile, then the diagonal tile (the query tile itself).
-            for k0 in [*range(0, q0, t), q0]:
-                k1 = min(k0 + t, q0) if k0 < q0 else q1
+            # Key tiles before the query tile, then the diagonal tile (the query tile itself),
+            # merged with the last key tile when both fit in one: a generation's few new rows
+            # and their cluster's earlier rows then cost one product, not two.
+            key_tiles = [(k0, min(k0 + t, q0)) for k0 in range(0, q0, t)]
+            if key_tiles and q1 - key_tiles[-1][0] <= t:
+                key_tiles[-1] = (key_tiles[-1][0], q1)
+            else:
+                key_tiles.append((q0, q1))
+            for k0, k1 in key_tiles:
                 sims = tile_buf[:rq, : k1 - k0]
                 torch.mm(queries, yt[k0:k1].T, out=sims)
-                if k0 == q0:  # the diagonal tile: keys must come strictly before the query
-                    sims.masked_fill_(upper[:rq, : k1 - k0], neg_inf)
+                if k1 == q1:  # holds the diagonal block: keys must come strictly before the query
+                    sims[:, q0 - k0 :].masked_fill_(upper[:rq, :rq], neg_inf)
                 if copies_before[k1] > copies_before[k0]:
                     sims.masked_fill_(copy_cols[k0:k1].unsqueeze(0), neg_inf)
                 tile_max = sims.amax(dim=1)

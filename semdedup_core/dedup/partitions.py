@@ -23,7 +23,7 @@ from semdedup_core.config import ConfigError
 from semdedup_core.run.plan import RunPlan, load_plan
 from semdedup_core.run.stage_results import FitResult, PartitionIndex, ShardPartition
 from semdedup_core.inputs.precomputed import iter_batches, read_rows
-from semdedup_core.storage import atomic_open, parquet_writer, read_json, read_npy, read_parquet, read_range, write_npy, write_parquet
+from semdedup_core.storage import atomic_open, parquet_writer, read_json, read_npy, read_parquet, read_range, read_range_into, write_npy, write_parquet
 from semdedup_core.inputs.vectors import prepare_vectors
 
 READ_BATCH_ROWS = 16384
@@ -235,13 +235,36 @@ class BucketData:
     clusters: np.ndarray  # cluster ids present, ascending
 
 
-def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketData:
-    """Read a bucket's rows (optionally only some clusters) and lay them out in keep order.
+@dataclass
+class BucketKeys:
+    """A bucket's rows (optionally only some clusters) used only as keys: ids and clusters in
+    keep order as in BucketData, but the vectors left as stored, every row of the bucket's row
+    groups read in one contiguous copy; ``rows`` maps keep order to rows of ``vectors``. The
+    caller gathers each cluster's keys where it needs them: one copy instead of a reorder and
+    a gather."""
 
-    Small columns are read first to compute each row's destination, then vector byte
-    ranges are read chunk by chunk straight into place: peak memory is the bucket's
-    vectors plus one chunk, never two copies.
-    """
+    ids: pa.Array
+    cluster: np.ndarray
+    starts: np.ndarray
+    clusters: np.ndarray
+    vectors: np.ndarray
+    rows: np.ndarray
+
+
+@dataclass
+class _KeepOrder:
+    parts: list  # (shard, row groups, kept-row mask or None, small columns)
+    table: pa.Table | None  # small columns of the selected rows, as stored
+    perm: np.ndarray  # keep position -> selected row
+    cluster: np.ndarray  # per selected row
+    centroid_sim: np.ndarray
+    starts: np.ndarray  # per cluster, first keep position
+    clusters: np.ndarray
+
+
+def _keep_order(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None) -> _KeepOrder:
+    """Read a bucket's small columns (optionally only some clusters) and compute each row's
+    keep-order position."""
     meta = _meta_names(plan)
     small_cols = ["id", "cluster", "centroid_sim", *[f"meta_{m}" for m in meta]]
     parts = []
@@ -255,7 +278,7 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
     table = pa.concat_tables([p[3] for p in parts]) if parts else None
     if table is None or table.num_rows == 0:
         empty = np.zeros(0, np.int32)
-        return BucketData(pa.array([], pa.string()), empty, np.zeros(0, np.float32), np.zeros((0, plan.dim), np.float32), empty, empty)
+        return _KeepOrder(parts, None, empty.astype(np.int64), empty, np.zeros(0, np.float32), empty, empty)
     cluster = table.column("cluster").to_numpy()
     sims = table.column("centroid_sim").to_numpy()
     metadata = {m: table.column(f"meta_{m}").to_numpy() for m in meta}
@@ -268,11 +291,26 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
         members = by_cluster[lo:hi]
         local = order_fn(int(sorted_clusters[lo]), sims[members], {m: v[members] for m, v in metadata.items()})
         perm[lo:hi] = members[local]
+    return _KeepOrder(parts, table, perm, cluster, sims, starts, sorted_clusters[starts])
+
+
+def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketData:
+    """Read a bucket's rows (optionally only some clusters) and lay them out in keep order.
+
+    Small columns are read first to compute each row's destination, then vector byte
+    ranges are read chunk by chunk straight into place: peak memory is the bucket's
+    vectors plus one chunk, never two copies.
+    """
+    order = _keep_order(plan, bucket_entries, order_fn, only_clusters)
+    if order.table is None:
+        empty = np.zeros(0, np.int32)
+        return BucketData(pa.array([], pa.string()), empty, np.zeros(0, np.float32), np.zeros((0, plan.dim), np.float32), empty, empty)
+    perm = order.perm
     dest = np.empty_like(perm)
     dest[perm] = np.arange(len(perm))
     vectors = np.empty((len(perm), plan.dim), dtype=np.float32)
     offset = 0  # next source row (after the cluster filter) across all parts
-    for shard_index, groups, keep, _ in parts:
+    for shard_index, groups, keep, _ in order.parts:
         pos = 0  # row within this shard's selected row groups (before the filter)
         for first, count in _chunked_ranges([(r, n) for _, r, n in groups], plan.dim):
             block = _read_vectors(plan, shard_index, first, count)
@@ -282,12 +320,38 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
             offset += len(block)
             pos += count
     return BucketData(
-        ids=table.column("id").combine_chunks().take(pa.array(perm)),
-        cluster=cluster[perm],
-        centroid_sim=sims[perm],
+        ids=order.table.column("id").combine_chunks().take(pa.array(perm)),
+        cluster=order.cluster[perm],
+        centroid_sim=order.centroid_sim[perm],
         vectors=vectors,
-        starts=starts,
-        clusters=sorted_clusters[starts],
+        starts=order.starts,
+        clusters=order.clusters,
+    )
+
+
+def load_bucket_keys(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketKeys:
+    """Like load_bucket for rows that are only keys (see BucketKeys)."""
+    order = _keep_order(plan, bucket_entries, order_fn, only_clusters)
+    n_stored = sum(n for _, groups, _, _ in order.parts for _, _, n in groups)
+    vectors = np.empty((n_stored, plan.dim), dtype=np.float32)
+    stored_row = []  # per selected row, its row in ``vectors``
+    offset = 0
+    for shard_index, groups, keep, _ in order.parts:
+        part_rows = sum(n for _, _, n in groups)
+        for first, count in _chunked_ranges([(r, n) for _, r, n in groups], plan.dim):
+            read_range_into(plan.layout.partition_vectors(shard_index), first * plan.dim * _F32.itemsize, vectors[offset : offset + count])
+            offset += count
+        rows = np.arange(offset - part_rows, offset)
+        stored_row.append(rows if keep is None else rows[keep])
+    if order.table is None:
+        return BucketKeys(pa.array([], pa.string()), order.cluster, order.starts, order.clusters, vectors, np.zeros(0, np.int64))
+    return BucketKeys(
+        ids=order.table.column("id").combine_chunks().take(pa.array(order.perm)),
+        cluster=order.cluster[order.perm],
+        starts=order.starts,
+        clusters=order.clusters,
+        vectors=vectors,
+        rows=np.concatenate(stored_row)[order.perm],
     )
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
-from semdedup_core.dedup.kernel import cluster_max_sim, removed_mask
+from semdedup_core.dedup.kernel import ClusterScores, cluster_max_sim, removed_mask
 from semdedup_core.dedup.ordering import cluster_order
-from semdedup_core.dedup.partitions import BucketData, load_bucket
+from semdedup_core.dedup.partitions import BucketData, load_bucket, load_bucket_keys
 from semdedup_core.run.plan import PlanRef, RunPlan, load_plan
 from semdedup_core.run.stage_results import BucketScores, PartitionIndex
 from semdedup_core.storage import exists, read_json, read_parquet, write_parquet
@@ -50,7 +52,15 @@ def iter_cluster_scores(plan: RunPlan, data: BucketData, scored: pa.Table | None
     """
     stops = np.r_[data.starts[1:], len(data.cluster)]
     done = _scored_clusters(scored)
-    for cluster, lo, hi in zip(data.clusters, data.starts, stops):
+    spans = list(zip(data.clusters, data.starts, stops))
+    to_score = [(lo, hi) for cluster, lo, hi in spans if int(cluster) not in done]
+
+    def score(lo: int, hi: int) -> ClusterScores:
+        return cluster_max_sim(data.vectors[lo:hi], tile_size=plan.config.tile_size, device=plan.device)
+
+    calls = [functools.partial(score, lo, hi) for lo, hi in to_score]
+    computed = dict(zip(to_score, map_clusters(calls, [hi - lo for lo, hi in to_score], plan.device)))
+    for cluster, lo, hi in spans:
         if int(cluster) in done:
             rows = done[int(cluster)]
             if not rows.column("id").combine_chunks().equals(data.ids.slice(lo, hi - lo)):
@@ -58,9 +68,29 @@ def iter_cluster_scores(plan: RunPlan, data: BucketData, scored: pa.Table | None
             max_sim = rows.column("max_sim").to_numpy(zero_copy_only=False).astype(np.float32)
             dup_index = rows.column("dup_index").to_numpy()
         else:
-            scores = cluster_max_sim(data.vectors[lo:hi], tile_size=plan.config.tile_size, device=plan.device)
+            scores = computed[(lo, hi)]
             max_sim, dup_index = scores.max_sim, scores.dup_of
         yield int(cluster), int(lo), max_sim, np.where(dup_index >= 0, dup_index + lo, -1)
+
+
+def map_clusters(calls: list[Callable[[], ClusterScores]], sizes: list[int], device: str) -> list[ClusterScores]:
+    """Run a bucket's per-cluster kernel calls, results in call order.
+
+    On the CPU they run on the unit's torch threads as a pool, each call single-threaded,
+    largest first. Most clusters are small: a many-threaded torch operation on a small
+    tensor costs more in OpenMP barriers than it computes, and when another process holds
+    a core each barrier waits for a time slice (measured: 4x slower on 2 cores with one
+    busy neighbour, against 1.4x this way). Results do not depend on the threads (the
+    kernel's values are canonical)."""
+    threads = torch.get_num_threads()  # this unit's share, set by the DAG's compute_threads
+    if threads <= 1 or len(calls) <= 1 or torch.device(device).type != "cpu":
+        return [call() for call in calls]
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            futures = {i: pool.submit(calls[i]) for i in sorted(range(len(calls)), key=lambda i: -sizes[i])}
+            return [futures[i].result() for i in range(len(calls))]
+    finally:
+        torch.set_num_threads(threads)  # OpenMP's count may be shared with the pool's threads
 
 
 EARLIER_SCHEMA = pa.schema([("id", pa.string()), ("kept_id", pa.string())])
@@ -74,8 +104,17 @@ class EarlierItems:
 
     ids: pa.Array
     kept_id: pa.Array  # the kept item each resolves to (itself when kept)
-    vectors: np.ndarray
-    rows: dict[int, np.ndarray]  # cluster -> rows of ids/vectors, in judging order
+    vectors: list[np.ndarray]  # per earlier run, its bucket's vectors as stored
+    rows: dict[int, np.ndarray]  # cluster -> positions in ids/kept_id, in judging order
+    vector_rows: dict[int, list[np.ndarray]]  # cluster -> per earlier run, the same items' rows of its vectors
+
+    def gather(self, cluster: int, out: np.ndarray) -> int:
+        """Copy the cluster's judged vectors, in judging order, to the start of ``out``."""
+        filled = 0
+        for vectors, rows in zip(self.vectors, self.vector_rows[cluster]):
+            np.take(vectors, rows, axis=0, out=out[filled : filled + len(rows)])
+            filled += len(rows)
+        return filled
 
     def referenced(self, rows: np.ndarray) -> pa.Table:
         """(id, kept_id) of the earlier items at ``rows``, once each: what finalize needs to
@@ -86,31 +125,38 @@ class EarlierItems:
 
 def load_earlier(plan: RunPlan, bucket: int, clusters: np.ndarray) -> EarlierItems:
     """Every earlier run's items of ``clusters`` (the same bucket in every run: they share the
-    base's bucket plan), with their decisions."""
-    ids, kept_ids, vectors, cluster_of = [], [], [], []
+    base's bucket plan), with their decisions. Their vectors stay as read: each cluster's keys
+    are gathered once, straight into the kernel's buffer."""
+    ids: list[pa.Array] = []
+    kept_ids: list[pa.Array] = []
+    vectors: list[np.ndarray] = []
+    positions: dict[int, list[np.ndarray]] = {int(c): [] for c in clusters}
+    vector_rows: dict[int, list[np.ndarray]] = {int(c): [] for c in clusters}
+    offset = 0
     for ref in plan.earlier:
         run = load_plan(ref)
-        data = load_bucket(run, _partition_index(ref).buckets[bucket], order_function(run), only_clusters=clusters)
+        keys = load_bucket_keys(run, _partition_index(ref).buckets[bucket], order_function(run), only_clusters=clusters)
         scores = read_parquet(run.layout.scores(bucket), columns=["id", "cluster", "dup_of", "kept"])
         scores = scores.filter(pc.is_in(scores.column("cluster"), value_set=pa.array(clusters.astype(np.int32))))
-        if not scores.column("id").combine_chunks().equals(data.ids):
+        if not scores.column("id").combine_chunks().equals(keys.ids):
             raise RuntimeError(f"{run.layout.scores(bucket)} does not match its partitions; the collection's run {ref.output} is damaged")
-        ids.append(data.ids)
-        vectors.append(data.vectors)
-        cluster_of.append(data.cluster)
+        ids.append(keys.ids)
         kept_ids.append(_resolve_kept(scores, ids, kept_ids))
+        judged = np.ones(len(keys.ids), bool)
+        if plan.config.against == "kept":
+            judged = pc.equal(ids[-1], kept_ids[-1]).to_numpy(zero_copy_only=False)
+        present = {int(c): (lo, hi) for c, lo, hi in zip(keys.clusters, keys.starts, np.r_[keys.starts[1:], len(keys.ids)])}
+        for c in positions:
+            lo, hi = present.get(c, (0, 0))
+            at = lo + np.flatnonzero(judged[lo:hi])  # this run's judged items of c, keep order
+            positions[c].append(offset + at)
+            vector_rows[c].append(keys.rows[at])
+        vectors.append(keys.vectors)
+        offset += len(keys.ids)
     all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
     all_kept = pa.concat_arrays(kept_ids) if kept_ids else pa.array([], pa.string())
-    if len(vectors) == 1:  # a collection's first generation: no copy of the base's vectors
-        all_vectors = vectors[0]
-    else:
-        all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, plan.dim), np.float32)
-    all_clusters = np.concatenate(cluster_of) if cluster_of else np.zeros(0, np.int32)
-    judged = np.ones(len(all_ids), bool)
-    if plan.config.against == "kept":
-        judged = pc.equal(all_ids, all_kept).to_numpy(zero_copy_only=False)
-    rows = {int(c): np.flatnonzero((all_clusters == c) & judged) for c in clusters}  # run order, then keep order
-    return EarlierItems(all_ids, all_kept, all_vectors, rows)
+    rows = {c: np.concatenate(p) if p else np.zeros(0, np.int64) for c, p in positions.items()}  # run order, then keep order
+    return EarlierItems(all_ids, all_kept, vectors, rows, vector_rows)
 
 
 @functools.lru_cache(maxsize=16)
@@ -153,12 +199,19 @@ def iter_against_earlier(plan: RunPlan, data: BucketData, earlier: EarlierItems)
     are only keys; dup rows point into the bucket (< n) or into ``earlier`` (n + row)."""
     n = len(data.cluster)
     stops = np.r_[data.starts[1:], n]
-    for cluster, lo, hi in zip(data.clusters, data.starts, stops):
-        keys = earlier.rows[int(cluster)]
-        y = np.empty((len(keys) + hi - lo, data.vectors.shape[1]), np.float32)
-        np.take(earlier.vectors, keys, axis=0, out=y[: len(keys)])
+    spans = list(zip(data.clusters, data.starts, stops))
+
+    def score(cluster: int, lo: int, hi: int) -> ClusterScores:
+        keys = earlier.rows[cluster]
+        y = np.empty((len(keys) + hi - lo, data.vectors.shape[1]), np.float32)  # built in the pool: one cluster's keys at a time per thread
+        earlier.gather(cluster, y)
         y[len(keys) :] = data.vectors[lo:hi]
-        scores = cluster_max_sim(y, tile_size=plan.config.tile_size, device=plan.device, first_query=len(keys))
+        return cluster_max_sim(y, tile_size=plan.config.tile_size, device=plan.device, first_query=len(keys))
+
+    calls = [functools.partial(score, int(cluster), int(lo), int(hi)) for cluster, lo, hi in spans]
+    sizes = [len(earlier.rows[int(cluster)]) + hi - lo for cluster, lo, hi in spans]
+    for (cluster, lo, hi), scores in zip(spans, map_clusters(calls, sizes, plan.device)):
+        keys = earlier.rows[int(cluster)]
         local = scores.dup_of[len(keys) :]
         to_new, to_earlier = local >= len(keys), (local >= 0) & (local < len(keys))
         dups = np.full(len(local), -1, np.int64)
