@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from semdedup_core import storage
@@ -56,6 +56,8 @@ def _cluster(rng: np.random.Generator, n: int, copies: int) -> np.ndarray:
     threads=st.integers(2, 4),
     seed=st.integers(0, 2**16),
 )
+@example(sizes=[150, 3, 40, 5], keys_share=0.5, tile=16, threads=2, seed=1)  # one cluster alone on all threads, the rest pooled
+@example(sizes=[60, 60, 60, 60], keys_share=0.0, tile=64, threads=3, seed=2)  # all pooled
 def test_pool_gives_the_serial_result_bit_for_bit(torch_threads, sizes, keys_share, tile, threads, seed):
     rng = np.random.default_rng(seed)
     clusters = [_cluster(rng, n, copies=int(rng.integers(0, 4))) for n in sizes]

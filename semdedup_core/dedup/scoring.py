@@ -74,23 +74,30 @@ def iter_cluster_scores(plan: RunPlan, data: BucketData, scored: pa.Table | None
 
 
 def map_clusters(calls: list[Callable[[], ClusterScores]], sizes: list[int], device: str) -> list[ClusterScores]:
-    """Run a bucket's per-cluster kernel calls, results in call order.
+    """Run a bucket's per-cluster kernel calls (``sizes``: rows of each), results in call order.
 
-    On the CPU they run on the unit's torch threads as a pool, each call single-threaded,
+    On the CPU, the calls run on the unit's torch threads as a pool, each single-threaded,
     largest first. Most clusters are small: a many-threaded torch operation on a small
     tensor costs more in OpenMP barriers than it computes, and when another process holds
     a core each barrier waits for a time slice (measured: 4x slower on 2 cores with one
-    busy neighbour, against 1.4x this way). Results do not depend on the threads (the
-    kernel's values are canonical)."""
+    busy neighbour, against 1.4x this way). A cluster holding more than one thread's share
+    of the bucket's work (rows squared) would leave the other threads idle on the pool: it
+    runs first, alone, on all of them. Results do not depend on the threads (the kernel's
+    values are canonical)."""
     threads = torch.get_num_threads()  # this unit's share, set by the DAG's compute_threads
     if threads <= 1 or len(calls) <= 1 or torch.device(device).type != "cpu":
         return [call() for call in calls]
+    work = [float(n) ** 2 for n in sizes]
+    dominant = [i for i in range(len(calls)) if work[i] * threads > sum(work)]
+    results = {i: calls[i]() for i in dominant}
+    pooled = sorted((i for i in range(len(calls)) if i not in results), key=lambda i: -sizes[i])
     try:
         with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = {i: pool.submit(calls[i]) for i in sorted(range(len(calls)), key=lambda i: -sizes[i])}
-            return [futures[i].result() for i in range(len(calls))]
+            futures = {i: pool.submit(calls[i]) for i in pooled}
+            results.update((i, f.result()) for i, f in futures.items())
     finally:
         torch.set_num_threads(threads)  # OpenMP's count may be shared with the pool's threads
+    return [results[i] for i in range(len(calls))]
 
 
 EARLIER_SCHEMA = pa.schema([("id", pa.string()), ("kept_id", pa.string())])
