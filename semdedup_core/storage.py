@@ -320,6 +320,8 @@ def read_range_into(url: str, start: int, out: np.ndarray) -> None:
     On a local disk the bytes go straight into ``out`` (no intermediate bytes object:
     a generation reads the collection's earlier vectors this way, gigabytes per night);
     elsewhere it is a ranged GET copied in."""
+    if out.nbytes == 0:
+        return
     fs, path = filesystem(url)
     view = memoryview(out).cast("B")
     end = start + view.nbytes

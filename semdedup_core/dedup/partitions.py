@@ -332,6 +332,8 @@ def load_bucket(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np
 def load_bucket_keys(plan: RunPlan, bucket_entries: list, order_fn, only_clusters: np.ndarray | None = None) -> BucketKeys:
     """Like load_bucket for rows that are only keys (see BucketKeys)."""
     order = _keep_order(plan, bucket_entries, order_fn, only_clusters)
+    if order.table is None:  # nothing selected: no vector is read
+        return BucketKeys(pa.array([], pa.string()), order.cluster, order.starts, order.clusters, np.zeros((0, plan.dim), np.float32), np.zeros(0, np.int64))
     n_stored = sum(n for _, groups, _, _ in order.parts for _, _, n in groups)
     vectors = np.empty((n_stored, plan.dim), dtype=np.float32)
     stored_row = []  # per selected row, its row in ``vectors``
@@ -343,8 +345,6 @@ def load_bucket_keys(plan: RunPlan, bucket_entries: list, order_fn, only_cluster
             offset += count
         rows = np.arange(offset - part_rows, offset)
         stored_row.append(rows if keep is None else rows[keep])
-    if order.table is None:
-        return BucketKeys(pa.array([], pa.string()), order.cluster, order.starts, order.clusters, vectors, np.zeros(0, np.int64))
     return BucketKeys(
         ids=order.table.column("id").combine_chunks().take(pa.array(order.perm)),
         cluster=order.cluster[order.perm],
