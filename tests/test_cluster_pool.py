@@ -89,7 +89,8 @@ def _collection(root: Path, inputs: Path, threads: int, against: str) -> None:
         input=[str(inputs)], output=str(root), collection=True, eps=0.05, clusters=5, buckets=2, seed=3, workers=1,
         threads_per_task=threads, against=against, kmeans_iterations=10,
     )
-    run_pipeline(cfg)
+    with single_thread():  # heavy steps set threads_per_task; this test process's counts are put back after
+        run_pipeline(cfg)
 
 
 def _scores(run: Path) -> dict[str, object]:
