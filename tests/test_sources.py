@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from semdedup_core.config import RunConfig
 from semdedup_core.inputs.precomputed import InputError, check_unique_ids, discover_shards, iter_batches, read_ids, read_rows
@@ -325,3 +327,33 @@ def test_prepare_vectors_float16_and_float64_input():
         np.testing.assert_allclose(np.linalg.norm(p.vectors.astype(np.float64), axis=1), 1.0, atol=1e-6)
     with pytest.raises(ValueError, match="2-D"):
         prepare_vectors(np.ones(5, np.float32))
+
+
+def _prepared_whole_batch(x: np.ndarray):
+    """prepare_vectors' rule written over the whole batch at once: float64 squared norms,
+    bad rows out, rows off unit norm divided by their float32 norm."""
+    finite = np.isfinite(x).all(axis=1)
+    sq = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))
+    valid = finite & (sq > 0)
+    vectors = x[valid].copy()
+    off = np.abs(sq[valid] - 1.0) > 1e-5
+    vectors[off] /= np.sqrt(sq[valid][off]).astype(np.float32)[:, None]
+    return valid, vectors
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 4200), dim=st.integers(1, 48), seed=st.integers(0, 2**16), bad=st.integers(0, 5))
+def test_prepare_vectors_blockwise_equals_the_whole_batch_rule(n, dim, seed, bad):
+    """Norms are summed a block of rows at a time (blocks of 2,048): across block boundaries
+    the result is the whole-batch rule's, bit for bit, for unit, scaled and broken rows."""
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng, n, dim) if n else np.zeros((0, dim), np.float32)
+    if n:
+        scaled = rng.random(n) < 0.5
+        x[scaled] *= rng.uniform(0.01, 100, (int(scaled.sum()), 1)).astype(np.float32)
+        for r in rng.integers(0, n, bad):
+            x[r] = rng.choice([0.0, np.nan, np.inf])
+    valid, vectors = _prepared_whole_batch(x)
+    p = prepare_vectors(x)
+    assert p.valid.tolist() == valid.tolist()
+    assert p.vectors.tobytes() == vectors.tobytes()
