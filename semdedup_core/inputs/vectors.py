@@ -11,7 +11,7 @@ import numpy as np
 UNIT_NORM_TOLERANCE = 1e-5
 # Squared norms are summed in float64 this many rows at a time: float64 copies of a whole
 # read batch (2 x 64 MiB at 16,384 x 512) lie above malloc's mmap threshold, so every batch
-# paid fresh page faults for them (4x slower than blocks of 8 MiB, which malloc reuses).
+# paid fresh page faults for them (2-4x slower than blocks of 8 MiB, which malloc reuses).
 _NORM_BLOCK_ROWS = 2048
 
 
