@@ -115,13 +115,12 @@ class EarlierItems:
     rows: dict[int, np.ndarray]  # cluster -> positions in ids/kept_id, in judging order
     vector_rows: dict[int, list[np.ndarray]]  # cluster -> per earlier run, the same items' rows of its vectors
 
-    def gather(self, cluster: int, out: np.ndarray) -> int:
+    def gather(self, cluster: int, out: np.ndarray) -> None:
         """Copy the cluster's judged vectors, in judging order, to the start of ``out``."""
         filled = 0
         for vectors, rows in zip(self.vectors, self.vector_rows[cluster]):
             np.take(vectors, rows, axis=0, out=out[filled : filled + len(rows)])
             filled += len(rows)
-        return filled
 
     def referenced(self, rows: np.ndarray) -> pa.Table:
         """(id, kept_id) of the earlier items at ``rows``, once each: what finalize needs to
